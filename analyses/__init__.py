@@ -1,0 +1,45 @@
+"""entropy_lab.analyses: pure functions from trace records and run metrics to tables.
+
+DataFrames in, DataFrames out; no I/O and no plotting. Trace records follow the column
+contract of DESIGN.md section 2. When records of several runs are concatenated with a
+``method`` and/or ``run`` column, every record analysis treats each run separately
+(those columns lead the output) so that runs are never pooled by accident.
+
+- ``tightness``: estimator vs measured entropy change (correlation, gain, sign agreement).
+- ``residuals``: residuals per quantile bin of weight, probability, surprisal, entropy.
+- ``decomposition``: the identity dH = first order + coupling + curvature, and omission.
+- ``quadrants``: sign(A) x sign(l_a) table against first-order theory.
+- ``compare``: per-method summaries and curves of training metrics across seeds.
+"""
+
+from .compare import compare_runs, curves, pass_at_k_columns, run_summary, t_interval
+from .decomposition import decompose, decomposition_summary
+from .quadrants import QUADRANTS, quadrants
+from .residuals import FACTORS, factor_variance_share, residuals_by_factor
+from .tightness import (
+    ESTIMATOR_COLUMNS,
+    available_estimators,
+    estimator_column,
+    tightness,
+    tightness_summary,
+)
+
+__all__ = [
+    "ESTIMATOR_COLUMNS",
+    "FACTORS",
+    "QUADRANTS",
+    "available_estimators",
+    "compare_runs",
+    "curves",
+    "decompose",
+    "decomposition_summary",
+    "estimator_column",
+    "factor_variance_share",
+    "pass_at_k_columns",
+    "quadrants",
+    "residuals_by_factor",
+    "run_summary",
+    "t_interval",
+    "tightness",
+    "tightness_summary",
+]

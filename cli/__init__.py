@@ -1,0 +1,1 @@
+"""entropy_lab.cli"""

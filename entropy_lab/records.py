@@ -1,0 +1,79 @@
+"""The trace record: one row per traced response token (DESIGN.md section 2).
+
+Column names are a public contract. A trace file is Parquet, one per traced update
+(or per step), with the run configuration as JSON in the file's schema metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from entropy_lab.errors import EntropyLabError
+
+COLUMN_GROUPS: dict[str, tuple[str, ...]] = {
+    "where": ("step", "update", "sample", "position", "token_id"),
+    "objective": (
+        "advantage",
+        "ratio",
+        "clip_indicator",
+        "intervention_weight",
+        "normalizer",
+        "weight",
+        "lr",
+    ),
+    "distribution": ("prob", "logprob", "surprisal", "entropy_before", "entropy_after", "collision"),
+    "measured": ("delta_entropy", "delta_logit_linear"),
+    "predicted": (
+        "omega_paper",
+        "omega_sampled_logit",
+        "omega_softmax",
+        "omega_logit_grad",
+        "omega_covariance",
+    ),
+}
+COLUMNS: tuple[str, ...] = tuple(c for group in COLUMN_GROUPS.values() for c in group)
+INT_COLUMNS = ("step", "update", "sample", "position", "token_id")
+METADATA_KEY = b"entropy_lab"
+
+
+def validate_records(df: pd.DataFrame, source: str = "records") -> pd.DataFrame:
+    """Raise one clear error if a schema column is missing; return ``df`` unchanged."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise EntropyLabError(f"{source} lacks trace column(s): {', '.join(missing)}")
+    return df
+
+
+def save_records(df: pd.DataFrame, path: str | os.PathLike, config: dict | None = None) -> Path:
+    """Write ``df`` to Parquet with ``config`` (JSON) in the file metadata, atomically."""
+    validate_records(df)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[METADATA_KEY] = json.dumps(config or {}, default=str).encode()
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table.replace_schema_metadata(meta), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_records(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """Read a trace file: (records, config). Missing columns or a non-Parquet file give one error."""
+    path = Path(path)
+    if not path.is_file():
+        raise EntropyLabError(f"no trace file at {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise EntropyLabError(f"{path} is not a readable Parquet trace file ({exc})") from None
+    raw = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
+    df = table.to_pandas()
+    validate_records(df, source=str(path))
+    return df, json.loads(raw)

@@ -1,0 +1,201 @@
+"""First-order predictions of the per-token entropy change (DESIGN.md section 1).
+
+Every estimator maps the per-token quantities of one update to omega, a prediction
+of H_after - H_before at that token (positive = entropy rises). All share the model
+of one SGD step of size eta on free logits per state; they differ in what they keep:
+
+- ``paper``: the closed form of the STEER release code, -eta I lambda/N (A/pi_old) pi_a (1-pi_a) l_a.
+- ``sampled-logit``: only the sampled logit moves: -eta w pi_a (1-pi_a) l_a.
+- ``softmax``: all V logits move: -eta w (pi_a l_a - C). Exact to first order for a weighted
+  log-prob loss; equals ``sampled-logit`` + eta w sum_{k != a} pi_k^2 l_k.
+- ``logit-grad``: eta sum_k pi_k l_k g_k with g = dLoss/dz the actual gradient, for any loss.
+- ``covariance``: -eta (log pi_a - mean log pi)(A - mean A)/N, Cui et al. (2025).
+
+Here w = I_clip r A lambda / N and l_k = log pi_k + H.
+
+Simplifications: the estimators ignore parameter sharing and the optimizer's
+preconditioning (that is the ``coupling`` term the tracer measures), and second order
+terms (``curvature``). Batch means of ``covariance`` are taken over the tokens passed in.
+
+References: Hao et al. 2025 (STEER, arXiv 2510.10150); Cui et al. 2025 (the entropy
+mechanism of RL for reasoning LMs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+from entropy_lab.errors import EntropyLabError
+
+
+@dataclass
+class TokenQuantities:
+    """Per-token inputs of the estimators; every tensor is (n,) over the same n tokens.
+
+    ``logprob``, ``entropy`` and ``collision`` describe pi at the pre-update parameters.
+    Scalars may be given as Python floats or (n,) tensors.
+    """
+
+    logprob: torch.Tensor  # (n,) log pi_a
+    entropy: torch.Tensor  # (n,) H
+    collision: torch.Tensor  # (n,) C = sum_k pi_k^2 l_k
+    advantage: torch.Tensor  # (n,) A
+    old_logprob: torch.Tensor  # (n,) log pi_old(a)
+    clip_indicator: torch.Tensor | float = 1.0  # (n,) I_clip
+    intervention_weight: torch.Tensor | float = 1.0  # (n,) lambda
+    normalizer: torch.Tensor | float = 1.0  # (n,) N
+    lr: torch.Tensor | float = 1.0  # eta
+    logit_grad_dot: torch.Tensor | None = None  # (n,) sum_k pi_k l_k g_k, g = dLoss/dz
+
+    @property
+    def prob(self) -> torch.Tensor:
+        return self.logprob.exp()
+
+    @property
+    def ratio(self) -> torch.Tensor:
+        return (self.logprob - self.old_logprob).exp()
+
+    @property
+    def l_a(self) -> torch.Tensor:
+        """log pi_a + H: positive exactly when pi_a > exp(-H)."""
+        return self.logprob + self.entropy
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """w = I_clip * r * A * lambda / N."""
+        return self.clip_indicator * self.ratio * self.advantage * self.intervention_weight / self.normalizer
+
+    def select(self, mask: torch.Tensor) -> TokenQuantities:
+        """The same quantities restricted to ``mask`` (n,) bool."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v[mask] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        return TokenQuantities(**kw)
+
+
+Estimator = Callable[[TokenQuantities], torch.Tensor]
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
+    def deco(fn: Estimator) -> Estimator:
+        if name in ESTIMATORS:
+            raise EntropyLabError(f"estimator {name!r} is already registered")
+        ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_estimator(name: str) -> Estimator:
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise EntropyLabError(f"unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}") from None
+
+
+def column_name(estimator: str) -> str:
+    """Trace column of an estimator: 'sampled-logit' -> 'omega_sampled_logit'."""
+    return "omega_" + estimator.replace("-", "_")
+
+
+@register_estimator("paper")
+def omega_paper(q: TokenQuantities) -> torch.Tensor:
+    """-eta I lambda/N (A/pi_old) pi_a (1 - pi_a) l_a, as in the STEER release code.
+
+    Since (A/pi_old) pi_a = r A, this is -eta w (1 - pi_a) l_a: the sampled-logit form
+    with one factor pi_a fewer.
+    """
+    p = q.prob
+    old_p = q.old_logprob.exp()
+    scale = q.lr * q.clip_indicator * q.intervention_weight / q.normalizer
+    return -scale * (q.advantage / old_p) * p * (1 - p) * q.l_a
+
+
+@register_estimator("sampled-logit")
+def omega_sampled_logit(q: TokenQuantities) -> torch.Tensor:
+    """-eta w pi_a (1 - pi_a) l_a.
+
+    Derivation: the loss -w log pi_a has dLoss/dz_a = -w (1 - pi_a); one SGD step moving
+    only z_a gives dz_a = eta w (1 - pi_a), and dH = (dH/dz_a) dz_a = -pi_a l_a dz_a.
+    """
+    p = q.prob
+    return -q.lr * q.weight * p * (1 - p) * q.l_a
+
+
+@register_estimator("softmax")
+def omega_softmax(q: TokenQuantities) -> torch.Tensor:
+    """-eta w (pi_a l_a - C).
+
+    Derivation: with all V logits free, dz = -eta dLoss/dz = eta w (e_a - pi), and
+    dH = -sum_k pi_k l_k dz_k = -eta w (pi_a l_a - sum_k pi_k^2 l_k). Equivalently
+    -eta w Cov_{k~pi}(log pi_k, e_a - pi).
+    """
+    return -q.lr * q.weight * (q.prob * q.l_a - q.collision)
+
+
+@register_estimator("logit-grad")
+def omega_logit_grad(q: TokenQuantities) -> torch.Tensor:
+    """eta sum_k pi_k l_k g_k with g = dLoss/dz the actual gradient at this position.
+
+    Derivation: dz = -eta g and dH/dz_k = -pi_k l_k. Equals ``softmax`` for a weighted
+    log-prob loss, and also covers KL penalties, entropy bonuses and any other term.
+    NaN where the gradient was not captured.
+    """
+    if q.logit_grad_dot is None:
+        return torch.full_like(q.logprob, float("nan"))
+    return q.lr * q.logit_grad_dot
+
+
+@register_estimator("covariance")
+def omega_covariance(q: TokenQuantities) -> torch.Tensor:
+    """-eta (log pi_a - mean log pi)(A - mean A) / N, means over the tokens given.
+
+    The per-token term of the covariance law of Cui et al. (2025): the batch entropy
+    change is about -eta Cov(log pi, A); Clip-Cov and KL-Cov rank tokens by this term.
+    """
+    centred_lp = q.logprob - q.logprob.mean()
+    centred_a = q.advantage - q.advantage.mean()
+    return -q.lr * centred_lp * centred_a / q.normalizer
+
+
+def predict_all(q: TokenQuantities) -> dict[str, torch.Tensor]:
+    """Every registered estimator on ``q``: name -> (n,) omega."""
+    return {name: fn(q) for name, fn in ESTIMATORS.items()}
+
+
+# --- factors and quadrants -------------------------------------------------------------
+
+FACTORS = ("weight", "probability", "surprisal", "entropy")
+"""The four factors of the paper used to slice residuals (trace columns weight, prob, surprisal, entropy_before)."""
+
+FACTOR_COLUMNS = {
+    "weight": "weight",
+    "probability": "prob",
+    "surprisal": "surprisal",
+    "entropy": "entropy_before",
+}
+
+
+def factor_table(q: TokenQuantities) -> dict[str, torch.Tensor]:
+    """The four factors per token: weight w (signed), probability pi_a, surprisal -log pi_a, entropy H."""
+    return {"weight": q.weight, "probability": q.prob, "surprisal": -q.logprob, "entropy": q.entropy}
+
+
+def quadrant_labels(advantage: torch.Tensor, l_a: torch.Tensor) -> list[str]:
+    """sign(A) x sign(l_a) per token, e.g. 'A>0, l>0'; A == 0 or l_a == 0 gives '0'."""
+    out = []
+    for a, l in zip(advantage.tolist(), l_a.tolist(), strict=True):
+        if a == 0 or l == 0:
+            out.append("0")
+        else:
+            out.append(f"A{'>' if a > 0 else '<'}0, l{'>' if l > 0 else '<'}0")
+    return out
+
+
+QUADRANT_THEORY = {"A>0, l>0": "falls", "A<0, l<0": "falls", "A>0, l<0": "rises", "A<0, l>0": "rises"}
+"""First-order direction of the entropy change per quadrant."""

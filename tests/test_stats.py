@@ -1,0 +1,124 @@
+"""token_stats and friends against the naive full-softmax computation."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entropy_lab.errors import EntropyLabError
+from entropy_lab.stats import entropy_from_logits, entropy_gradient_dot, gather_logprobs, token_stats
+
+
+def naive(logits, targets):
+    logp = logits.double().log_softmax(-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=torch.float64))
+    H = -plogp.sum(-1)
+    C = torch.where(p > 0, p * p * (logp + H[..., None]), torch.zeros((), dtype=torch.float64)).sum(-1)
+    return H, logp.gather(-1, targets[..., None])[..., 0], C
+
+
+@pytest.mark.parametrize(
+    "dtype,atol",
+    [(torch.float32, 2e-5), (torch.bfloat16, 2e-5), (torch.float16, 2e-5), (torch.float64, 1e-12)],
+)
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4)])
+@pytest.mark.parametrize("chunk_bytes", [1, 200, 2**20])
+def test_chunked_matches_naive(dtype, atol, shape, chunk_bytes):
+    g = torch.Generator().manual_seed(0)
+    V = 33
+    logits = (torch.randn(*shape, V, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, V, shape, generator=g)
+    s = token_stats(logits, targets, chunk_bytes=chunk_bytes)
+    H, lp, C = naive(logits, targets)  # naive on the same (rounded) logits
+    assert s.entropy.shape == shape
+    torch.testing.assert_close(s.entropy.double(), H, atol=atol, rtol=0)
+    torch.testing.assert_close(s.logprob.double(), lp, atol=atol, rtol=0)
+    torch.testing.assert_close(s.collision.double(), C, atol=atol, rtol=0)
+    assert s.entropy.dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_extreme_and_masked_logits():
+    V = 10
+    logits = torch.zeros(5, V)
+    logits[0, 3] = 1e4  # one-hot in effect
+    logits[1] = torch.linspace(-1e4, 1e4, V)
+    logits[2, :5] = -float("inf")  # masked vocabulary: uniform over the other 5
+    logits[3] = 0.0  # uniform
+    logits[4, 7] = -1e4
+    targets = torch.tensor([3, 9, 6, 0, 7])
+    s = token_stats(logits, targets)
+    assert s.entropy[0] == pytest.approx(0.0, abs=1e-6) and s.logprob[0] == pytest.approx(0.0, abs=1e-6)
+    assert s.collision[0] == pytest.approx(0.0, abs=1e-6)
+    assert s.entropy[2] == pytest.approx(math.log(5), abs=1e-6)
+    assert s.logprob[2] == pytest.approx(-math.log(5), abs=1e-6)
+    assert s.collision[2] == pytest.approx(0.0, abs=1e-6)  # uniform: l_k = 0 everywhere
+    assert s.entropy[3] == pytest.approx(math.log(V), abs=1e-6)
+    assert s.logprob[4] == pytest.approx(-1e4 - math.log(V - 1), abs=1e-2)
+    assert torch.isfinite(s.entropy).all() and torch.isfinite(s.collision).all()
+    H, lp, C = naive(logits, targets)
+    torch.testing.assert_close(s.entropy.double(), H, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.collision.double(), C, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad,where", [(float("nan"), (1, 2)), (float("inf"), (0, 1))])
+def test_nonfinite_names_position(bad, where):
+    logits = torch.randn(2, 3, 4)
+    logits[where + (2,)] = bad
+    with pytest.raises(EntropyLabError, match=rf"position \({where[0]}, {where[1]}\)"):
+        token_stats(logits)
+
+
+def test_all_masked_row_is_an_error_and_shape_mismatch():
+    logits = torch.randn(3, 4)
+    logits[1] = -float("inf")
+    with pytest.raises(EntropyLabError, match=r"position \(1,\)"):
+        token_stats(logits)
+    with pytest.raises(EntropyLabError, match="targets shape"):
+        token_stats(torch.randn(3, 4), torch.zeros(4, dtype=torch.long))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    V=st.integers(1, 40),
+    n=st.integers(1, 6),
+    scale=st.floats(0.0, 50.0),
+    seed=st.integers(0, 2**16),
+)
+def test_properties(V, n, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, V, generator=g, dtype=torch.float64) * scale
+    targets = torch.randint(0, V, (n,), generator=g)
+    s = token_stats(logits, targets, chunk_bytes=64)
+    assert (s.entropy >= -1e-9).all() and (s.entropy <= math.log(V) + 1e-9).all()
+    assert (s.logprob <= 1e-12).all()
+    p = logits.softmax(-1)
+    l = p.log() + s.entropy[:, None]
+    # identities of DESIGN.md: sum_k pi_k l_k = 0, and C = sum_k pi_k^2 l_k = Cov_pi(log pi, pi)
+    assert torch.allclose((p * l).sum(-1), torch.zeros(n, dtype=torch.float64), atol=1e-9)
+    cov = (p * p.log() * p).sum(-1) - (p * p.log()).sum(-1) * (p * p).sum(-1)
+    torch.testing.assert_close(s.collision, cov, atol=1e-9, rtol=1e-7)
+
+
+def test_entropy_gradient_dot_is_directional_derivative():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    d = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    eps = 1e-6
+    fd = (entropy_from_logits(z + eps * d) - entropy_from_logits(z - eps * d)) / (2 * eps)
+    torch.testing.assert_close(-entropy_gradient_dot(z, d, chunk_bytes=8), fd, atol=1e-8, rtol=1e-6)
+
+
+def test_differentiable_helpers_match_naive():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 5, 11, generator=g, requires_grad=True)
+    t = torch.randint(0, 11, (4, 5), generator=g)
+    lp = gather_logprobs(z, t)
+    torch.testing.assert_close(lp, z.log_softmax(-1).gather(-1, t[..., None])[..., 0])
+    H = entropy_from_logits(z)
+    p = z.softmax(-1)
+    torch.testing.assert_close(H, -(p * p.log()).sum(-1))
+    (lp.sum() + H.sum()).backward()
+    assert torch.isfinite(z.grad).all()
