@@ -1,0 +1,224 @@
+"""The methods catalogue (DESIGN.md section 3): each method is a preset over ``TrainConfig``.
+
+``resolve_config(method, overrides, base)`` applies the preset to ``base`` (default:
+``TrainConfig()``), then the user's overrides, sets ``cfg.method`` and validates the
+enum-like fields. Presets name the three fields that define the algorithm (objective,
+advantage, loss_agg) plus their own parameters; every other field of ``base`` is kept, so
+``--set`` overrides compose freely (e.g. ``steer`` with ``kl_coef=0.001``).
+
+Defaults are the published ones; where a paper is silent the choice is stated in ``changes``:
+- unlikeliness beta 0.25: ``rank_penalty=0.25`` in the release script of He et al. 2025
+  (AndreHe02/rewarding-unlikely-release, ``examples/lean/grpo.sh``).
+- steer: the release settings (dual clip c = 10, eps 0.2 / 0.28, lambda_min 0.8, exp map,
+  ``paper`` estimator, per-call normalisation, token-mean); the paper recommends lambda_min 0.7.
+
+References are listed per method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from entropy_lab import steer
+from entropy_lab.advantages import ADVANTAGES
+from entropy_lab.aggregation import AGG_MODES
+from entropy_lab.config import TrainConfig
+from entropy_lab.errors import EntropyLabError
+from entropy_lab.objectives import KL_ESTIMATORS, OBJECTIVES
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    changes: str
+    """What the method changes relative to GRPO, one line."""
+    defaults: dict = field(default_factory=dict)
+    """TrainConfig overrides of the preset."""
+    reference: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise EntropyLabError(f"method {method.name!r} is already registered")
+    unknown = sorted(set(method.defaults) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise EntropyLabError(f"method {method.name!r} sets unknown config key(s) {', '.join(unknown)}")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise EntropyLabError(f"unknown method {name!r}; valid: {', '.join(METHODS)}") from None
+
+
+def _preset(objective: str = "ppo", advantage: str = "grpo", loss_agg: str = "token-mean", **params) -> dict:
+    return {"objective": objective, "advantage": advantage, "loss_agg": loss_agg, **params}
+
+
+for _m in (
+    Method(
+        "grpo",
+        "PPO-clip, group mean/std advantage, token-mean",
+        _preset(clip_eps_low=0.2, clip_eps_high=0.2),
+        "Shao et al. 2024, arXiv 2402.03300",
+    ),
+    Method(
+        "dr-grpo",
+        "no std in the advantage; per-sequence token sum over num_seqs * max_new_tokens",
+        _preset(advantage="grpo-no-std", loss_agg="seq-mean-token-sum-norm"),
+        "Liu et al. 2025, arXiv 2503.20783",
+    ),
+    Method(
+        "rloo", "leave-one-out baseline", _preset(advantage="rloo"), "Ahmadian et al. 2024, arXiv 2402.14740"
+    ),
+    Method(
+        "clip-higher",
+        "upper clip eps 0.28",
+        _preset(clip_eps_high=0.28),
+        "Yu et al. 2025 (DAPO), arXiv 2503.14476",
+    ),
+    Method(
+        "dual-clip",
+        "negative-advantage loss bounded by -A c, c = 3 (STEER runs use 10)",
+        _preset(dual_clip_c=3.0),
+        "Ye et al. 2020, arXiv 1912.09729",
+    ),
+    Method(
+        "kl",
+        "KL to the reference policy in the loss, k3 estimator, coef 0.001",
+        _preset(kl_coef=0.001, kl_estimator="k3"),
+        "Shao et al. 2024, arXiv 2402.03300; Schulman 2020 (k3)",
+    ),
+    Method(
+        "entropy-bonus",
+        "minus 0.001 times the aggregated entropy",
+        _preset(entropy_coef=0.001),
+        "entropy regularisation (Williams & Peng 1991; Mnih et al. 2016)",
+    ),
+    Method(
+        "clip-cov",
+        "detach a random max(1, ratio N) of tokens with covariance in (lb, ub)",
+        _preset(objective="clip-cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0),
+        "Cui et al. 2025, arXiv 2505.22617",
+    ),
+    Method(
+        "kl-cov",
+        "|logp - logp_old| penalty on the top max(1, ratio N) covariance tokens; unclipped surrogate as published",
+        _preset(objective="kl-cov", kl_cov_ratio=2e-3, kl_cov_coef=1.0),
+        "Cui et al. 2025, arXiv 2505.22617",
+    ),
+    Method(
+        "fork-tokens",
+        "gradient only on the top 20% tokens by entropy",
+        _preset(objective="fork-tokens", fork_rho=0.2),
+        "Wang et al. 2025 ('Beyond the 80/20 rule'), arXiv 2506.01939",
+    ),
+    Method(
+        "w-reinforce",
+        "positive-advantage terms scaled by 0.1",
+        _preset(objective="w-reinforce", w_reinforce_lambda=0.1),
+        "Zhu et al. 2025, arXiv 2506.01347",
+    ),
+    Method(
+        "entropy-adv",
+        "A + min(0.4 H_detached, |A| / 2) per token",
+        _preset(objective="entropy-adv", entropy_adv_alpha=0.4, entropy_adv_kappa=2.0),
+        "Cheng et al. 2025, arXiv 2506.14758",
+    ),
+    Method(
+        "unlikeliness",
+        "correct rewards times 1 - beta (G - rank) / G, likeliest correct most penalised; beta 0.25 (release script)",
+        _preset(unlikeliness_beta=0.25),
+        "He et al. 2025, arXiv 2506.02355",
+    ),
+    Method(
+        "steer",
+        "per-token weight from |omega_paper| (exp map, lambda_min 0.8) on dual-clip (c = 10) PPO with eps_high 0.28",
+        _preset(
+            objective="steer",
+            clip_eps_low=0.2,
+            clip_eps_high=0.28,
+            dual_clip_c=10.0,
+            steer_map="exp",
+            steer_lambda_min=0.8,
+            steer_estimator="paper",
+            steer_norm="call",
+            steer_signed=False,
+        ),
+        "Hao et al. 2025, arXiv 2510.10150 (release: github.com/zz-haooo/STEER)",
+    ),
+):
+    register_method(_m)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _choices() -> dict[str, list[str]]:
+    return {
+        "objective": list(OBJECTIVES),
+        "advantage": list(ADVANTAGES),
+        "loss_agg": list(AGG_MODES),
+        "kl_estimator": list(KL_ESTIMATORS),
+        "steer_map": list(steer.STEER_MAPS),
+        "steer_norm": list(steer.STEER_NORMS),
+        "steer_estimator": steer.valid_estimators(),
+    }
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Check the enum-like fields and the ranges the objectives rely on; one error line on failure."""
+    for key, valid in _choices().items():
+        value = getattr(cfg, key)
+        if value not in valid:
+            raise EntropyLabError(f"config key {key!r} got {value!r}; valid: {', '.join(valid)}")
+    checks = [
+        (cfg.clip_eps_low >= 0 and cfg.clip_eps_high >= 0, "clip_eps_low and clip_eps_high must be >= 0"),
+        (
+            cfg.dual_clip_c is None or cfg.dual_clip_c > 1,
+            f"dual_clip_c must be > 1 or None, got {cfg.dual_clip_c}",
+        ),
+        (cfg.kl_coef >= 0 and cfg.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0"),
+        (0 < cfg.clip_cov_ratio <= 1, f"clip_cov_ratio must lie in (0, 1], got {cfg.clip_cov_ratio}"),
+        (
+            cfg.clip_cov_lb < cfg.clip_cov_ub,
+            f"clip_cov_lb must be below clip_cov_ub, got {cfg.clip_cov_lb} and {cfg.clip_cov_ub}",
+        ),
+        (0 < cfg.kl_cov_ratio <= 1, f"kl_cov_ratio must lie in (0, 1], got {cfg.kl_cov_ratio}"),
+        (0 <= cfg.fork_rho <= 1, f"fork_rho must lie in [0, 1], got {cfg.fork_rho}"),
+        (cfg.entropy_adv_kappa > 0, f"entropy_adv_kappa must be > 0, got {cfg.entropy_adv_kappa}"),
+        (
+            0 <= cfg.unlikeliness_beta <= 1,
+            f"unlikeliness_beta must lie in [0, 1], got {cfg.unlikeliness_beta}",
+        ),
+        (0 < cfg.steer_lambda_min <= 1, f"steer_lambda_min must lie in (0, 1], got {cfg.steer_lambda_min}"),
+        (
+            cfg.steer_lambda_min <= cfg.steer_lambda_max,
+            f"steer_lambda_min must not exceed steer_lambda_max, got {cfg.steer_lambda_min} and {cfg.steer_lambda_max}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise EntropyLabError(message)
+    return cfg
+
+
+def resolve_config(
+    method: str, overrides: dict | None = None, base: TrainConfig | None = None
+) -> TrainConfig:
+    """``base`` (default TrainConfig()) + the method's preset + ``overrides``, with ``method`` set; validated."""
+    preset = get_method(method)
+    overrides = dict(overrides or {})
+    if overrides.get("method", method) != method:
+        raise EntropyLabError(
+            f"the method is chosen by name ({method!r}); do not override 'method' to {overrides['method']!r}"
+        )
+    overrides.pop("method", None)
+    cfg = (base or TrainConfig()).replace(**preset.defaults).replace(**overrides).replace(method=method)
+    return validate_config(cfg)
