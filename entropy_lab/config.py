@@ -30,9 +30,9 @@ class TrainConfig:
     """Seed for rollouts, initialisation and position sampling."""
 
     # --- rollout ------------------------------------------------------------
-    steps: int = 40
+    steps: int = 150
     """Number of RL steps (one rollout batch each)."""
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     """Prompts drawn per step."""
     samples_per_prompt: int = 8
     """Group size G: responses sampled per prompt (GRPO, Shao et al. 2024)."""
@@ -40,12 +40,12 @@ class TrainConfig:
     """Sampling temperature of rollouts."""
     top_p: float = 1.0
     """Nucleus sampling threshold of rollouts."""
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     """Maximum response length in tokens."""
 
     # --- optimisation -------------------------------------------------------
-    lr: float = 1e-4
-    """AdamW learning rate."""
+    lr: float = 1e-3
+    """AdamW learning rate (sized for the tiny default policy; use ~1e-6 for real 0.5B+ models)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
@@ -116,13 +116,13 @@ class TrainConfig:
     """Trace every k-th step's updates (0: never)."""
     trace_max_positions: int = 0
     """Trace at most this many response tokens per update, sampled (0: all)."""
-    eval_every: int = 10
+    eval_every: int = 25
     """Evaluate every k steps (0: never); the last step is always evaluated."""
     eval_prompts: int = 64
     """Prompts per evaluation."""
     eval_k: int = 4
     """Samples per evaluation prompt for unbiased pass@k, k = 1..eval_k."""
-    checkpoint_every: int = 20
+    checkpoint_every: int = 50
     """Checkpoint every k steps (0: only at the end)."""
     device: str = "auto"
     """auto, cpu or cuda."""

@@ -1,0 +1,189 @@
+"""Policies: the embedded tiny default, its supervised warm start, and local Hugging Face models.
+
+The default policy is a small Qwen2-family causal LM built from a config (random init)
+over the task's character tokenizer, warm-started by supervised training on the task's
+demonstrations (uniformly drawn correct answers, so the warm start is diverse) until its
+sampled pass@1 first reaches ``target_pass`` (or ``max_steps``). RL then has something to
+sharpen. The warm start is cached on disk, keyed by everything that determines it.
+
+Simplifications: the warm start is stopped by a pass@1 threshold measured on a fixed
+probe set of training problems, not tuned per method; dropout is off in every policy
+(as is usual for RL on LMs), so every forward is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from entropy_lab.errors import EntropyLabError
+from entropy_lab.stats import gather_logprobs
+from entropy_lab.tasks import Task
+from entropy_lab.tokenizer import build_char_tokenizer
+
+
+@dataclass(frozen=True)
+class TinyPolicySpec:
+    """Architecture of the embedded default policy (Qwen2 family)."""
+
+    hidden_size: int = 96
+    intermediate_size: int = 256
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 64
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """Supervised warm start: AdamW on demonstrations until sampled pass@1 >= target_pass."""
+
+    batch_size: int = 128
+    lr: float = 3e-3
+    max_steps: int = 1500
+    check_every: int = 50
+    target_pass: float = 0.3
+    probe_prompts: int = 256
+    seed: int = 0
+
+
+def cache_root() -> Path:
+    """$ENTROPY_LAB_CACHE, else $XDG_CACHE_HOME/entropy-lab, else ~/.cache/entropy-lab."""
+    env = os.environ.get("ENTROPY_LAB_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "entropy-lab"
+
+
+def build_tiny_policy(tokenizer, spec: TinyPolicySpec = TinyPolicySpec(), seed: int = 0):
+    """A random-init Qwen2 causal LM over ``tokenizer``'s vocabulary."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        **asdict(spec),
+    )
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from a local directory saved with ``save_pretrained``; one error line if unusable."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EntropyLabError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EntropyLabError(f"could not load the model in {path}: {str(exc).splitlines()[0]}") from None
+    check_tokenizer_matches(model, tokenizer, str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved in ``path``.
+
+    A generic tokenizers-library tokenizer (our character tokenizer) is loaded as such:
+    ``AutoTokenizer`` would pick the class of the model type found in the same directory
+    (e.g. Qwen2's, whose own pre-tokenizer drops spaces) instead of the saved one.
+    """
+    cfg_file = path / "tokenizer_config.json"
+    cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def check_tokenizer_matches(model, tokenizer, where: str) -> None:
+    """Every token id the tokenizer can produce must have an embedding row."""
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_emb:
+        raise EntropyLabError(
+            f"the tokenizer in {where} has {len(tokenizer)} tokens but its model has {n_emb} embeddings: "
+            "they do not belong together"
+        )
+
+
+def _demo_batch(task: Task, tokenizer, n: int, rng: np.random.Generator):
+    """Tokenised prompt+demonstration+EOS sequences: ids (n, T), attention and loss masks (n, T)."""
+    problems = task.sample(n, rng)
+    rows, masks = [], []
+    for p in problems:
+        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(task.demonstration(p, rng), add_special_tokens=False)["input_ids"]
+        rows.append([tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id])
+        masks.append([0] * (1 + len(prompt)) + [1] * (len(answer) + 1))
+    T = max(map(len, rows))
+    ids = torch.full((n, T), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros(n, T, dtype=torch.long)
+    loss_mask = torch.zeros(n, T)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+    return ids, attn, loss_mask
+
+
+def warm_start(task: Task, spec: WarmStartSpec = WarmStartSpec(), arch: TinyPolicySpec = TinyPolicySpec(),
+               progress=None, use_cache: bool = True):
+    """(model, tokenizer, info) of the supervised warm start for a built-in ``task``; cached.
+
+    ``info`` holds the measured sampled pass@1 and mean response-token entropy at the
+    end, the number of SFT steps, and the cache directory.
+    """
+    from entropy_lab.rollout import evaluate_sampled  # the rollout module imports this one
+
+    tokenizer = build_char_tokenizer(task.alphabet())
+    key_src = json.dumps({"task": task.describe() if hasattr(task, "describe") else task.name,
+                          "alphabet": task.alphabet(), "spec": asdict(spec), "arch": asdict(arch),
+                          "transformers": transformers.__version__.split(".")[0], "v": 1}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    where = cache_root() / "warmstart" / f"{task.name}-{key}"
+    if use_cache and (where / "info.json").is_file():
+        model, tok = load_policy(where)
+        return model, tok, json.loads((where / "info.json").read_text())
+
+    model = build_tiny_policy(tokenizer, arch, seed=spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    rng = np.random.default_rng(spec.seed)
+    probe = task.sample(spec.probe_prompts, np.random.default_rng(spec.seed + 1))
+    info = {"steps": 0}
+    for step in range(1, spec.max_steps + 1):
+        ids, attn, loss_mask = _demo_batch(task, tokenizer, spec.batch_size, rng)
+        logits = model(input_ids=ids, attention_mask=attn).logits  # (n, T, V)
+        lp = gather_logprobs(logits[:, :-1], ids[:, 1:])  # (n, T-1)
+        loss = -(lp * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(step, spec.max_steps, float(loss))
+        if step % spec.check_every == 0 or step == spec.max_steps:
+            stats = evaluate_sampled(model, tokenizer, task, probe, temperature=1.0, seed=spec.seed)
+            info = {"steps": step, "sft_loss": float(loss), **stats}
+            if stats["pass@1"] >= spec.target_pass:
+                break
+    info["cache_dir"] = str(where)
+    tmp = where.with_name(where.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(where, ignore_errors=True)
+    tmp.rename(where)
+    return model, tokenizer, info
