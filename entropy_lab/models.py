@@ -139,8 +139,13 @@ def _demo_batch(task: Task, tokenizer, n: int, rng: np.random.Generator):
     return ids, attn, loss_mask
 
 
-def warm_start(task: Task, spec: WarmStartSpec = WarmStartSpec(), arch: TinyPolicySpec = TinyPolicySpec(),
-               progress=None, use_cache: bool = True):
+def warm_start(
+    task: Task,
+    spec: WarmStartSpec = WarmStartSpec(),
+    arch: TinyPolicySpec = TinyPolicySpec(),
+    progress=None,
+    use_cache: bool = True,
+):
     """(model, tokenizer, info) of the supervised warm start for a built-in ``task``; cached.
 
     ``info`` holds the measured sampled pass@1 and mean response-token entropy at the
@@ -149,9 +154,17 @@ def warm_start(task: Task, spec: WarmStartSpec = WarmStartSpec(), arch: TinyPoli
     from entropy_lab.rollout import evaluate_sampled  # the rollout module imports this one
 
     tokenizer = build_char_tokenizer(task.alphabet())
-    key_src = json.dumps({"task": task.describe() if hasattr(task, "describe") else task.name,
-                          "alphabet": task.alphabet(), "spec": asdict(spec), "arch": asdict(arch),
-                          "transformers": transformers.__version__.split(".")[0], "v": 1}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "task": task.describe() if hasattr(task, "describe") else task.name,
+            "alphabet": task.alphabet(),
+            "spec": asdict(spec),
+            "arch": asdict(arch),
+            "transformers": transformers.__version__.split(".")[0],
+            "v": 1,
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     where = cache_root() / "warmstart" / f"{task.name}-{key}"
     if use_cache and (where / "info.json").is_file():

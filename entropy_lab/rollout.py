@@ -39,8 +39,11 @@ class Rollout:
 
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model inputs of rows ``idx``."""
-        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
-                "position_ids": self.position_ids[idx]}
+        return {
+            "input_ids": self.input_ids[idx],
+            "attention_mask": self.attention_mask[idx],
+            "position_ids": self.position_ids[idx],
+        }
 
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,15 +69,34 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, problems: list[Problem], n: int, *, temperature: float = 1.0, top_p: float = 1.0,
-           max_new_tokens: int = 16, greedy: bool = False) -> Rollout:
+def sample(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    n: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 16,
+    greedy: bool = False,
+) -> Rollout:
     """n responses to each problem (rows grouped by problem: problem i owns rows i*n .. i*n+n-1)."""
     device = next(model.parameters()).device
     p_ids, p_attn = encode_prompts(tokenizer, [p.prompt for p in problems], device)
     p_ids, p_attn = p_ids.repeat_interleave(n, 0), p_attn.repeat_interleave(n, 0)
-    gen_kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    out = model.generate(input_ids=p_ids, attention_mask=p_attn, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **gen_kw)
+    gen_kw = (
+        dict(do_sample=False)
+        if greedy
+        else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    )
+    out = model.generate(
+        input_ids=p_ids,
+        attention_mask=p_attn,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **gen_kw,
+    )
     resp = out[:, p_ids.shape[1] :]  # (B, L)
     is_eos = resp == tokenizer.eos_token_id
     # keep tokens up to and including the first EOS
@@ -87,10 +109,14 @@ def sample(model, tokenizer, problems: list[Problem], n: int, *, temperature: fl
     attention_mask = torch.cat([p_attn, resp_mask], 1)
     input_ids = torch.where(attention_mask.bool(), out, torch.full_like(out, tokenizer.pad_token_id))
     response_mask = torch.cat([torch.zeros_like(p_attn), resp_mask], 1)
-    return Rollout(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from(attention_mask), response_mask=response_mask,
-                   prompt_index=torch.arange(len(problems), device=device).repeat_interleave(n),
-                   completions=completions)
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        response_mask=response_mask,
+        prompt_index=torch.arange(len(problems), device=device).repeat_interleave(n),
+        completions=completions,
+    )
 
 
 @torch.no_grad()
@@ -133,14 +159,28 @@ def rewards_of(task: Task, problems: list[Problem], rollout: Rollout) -> torch.T
 
 
 @torch.no_grad()
-def evaluate_sampled(model, tokenizer, task: Task, problems: list[Problem], *, temperature: float = 1.0,
-                     seed: int = 0, max_new_tokens: int | None = None) -> dict[str, float]:
+def evaluate_sampled(
+    model,
+    tokenizer,
+    task: Task,
+    problems: list[Problem],
+    *,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
     """Sampled pass@1 and mean response-token entropy of one sample per problem (RNG restored after)."""
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        ro = sample(model, tokenizer, problems, 1, temperature=temperature,
-                    max_new_tokens=max_new_tokens or task.max_new_tokens)
+        ro = sample(
+            model,
+            tokenizer,
+            problems,
+            1,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens or task.max_new_tokens,
+        )
     finally:
         torch.set_rng_state(state)
     rewards = rewards_of(task, problems, ro)
@@ -149,15 +189,26 @@ def evaluate_sampled(model, tokenizer, task: Task, problems: list[Problem], *, t
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, task: Task, problems: list[Problem], *, k: int, temperature: float,
-             top_p: float, max_new_tokens: int, seed: int) -> dict[str, float]:
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    problems: list[Problem],
+    *,
+    k: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+) -> dict[str, float]:
     """Greedy accuracy and unbiased pass@1..k from k samples per problem; the global RNG is restored."""
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
         greedy = sample(model, tokenizer, problems, 1, max_new_tokens=max_new_tokens, greedy=True)
-        sampled = sample(model, tokenizer, problems, k, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens)
+        sampled = sample(
+            model, tokenizer, problems, k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+        )
     finally:
         torch.set_rng_state(state)
     out = {"eval/accuracy": float(rewards_of(task, problems, greedy).mean())}

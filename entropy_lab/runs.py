@@ -33,9 +33,14 @@ def package_versions() -> dict[str, str]:
 
     import entropy_lab
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": numpy.__version__,
-            "pandas": pd.__version__, "entropy_lab": entropy_lab.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pd.__version__,
+        "entropy_lab": entropy_lab.__version__,
+    }
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:

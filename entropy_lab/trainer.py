@@ -64,8 +64,15 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 class Trainer:
     """GRPO-family training of one policy on one task, writing a run directory."""
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 callback: Callback | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        callback: Callback | None = None,
+    ):
         self.cfg = cfg
         self.run = RunDir(Path(out))
         self.callback = callback or (lambda event, info: None)
@@ -85,7 +92,9 @@ class Trainer:
     def _load_policy_and_task(self):
         cfg = self.cfg
         if cfg.dataset and not cfg.model:
-            raise EntropyLabError("--dataset needs --model: the embedded tiny policy only knows the built-in tasks")
+            raise EntropyLabError(
+                "--dataset needs --model: the embedded tiny policy only knows the built-in tasks"
+            )
         info = {}
         if cfg.model:
             model, tokenizer = load_policy(cfg.model, self.device)
@@ -93,12 +102,17 @@ class Trainer:
         else:
             task = get_task(cfg.task)
             self.callback("warm_start", {"task": task.name})
-            model, tokenizer, info = warm_start(task, progress=lambda s, n, loss: self.callback(
-                "warm_start_progress", {"step": s, "total": n, "loss": loss}))
+            model, tokenizer, info = warm_start(
+                task,
+                progress=lambda s, n, loss: self.callback(
+                    "warm_start_progress", {"step": s, "total": n, "loss": loss}
+                ),
+            )
             model = model.to(self.device)
         return model, tokenizer, task, info
 
-    def setup(self) -> None:
+    def setup(self, create_run: bool = True) -> None:
+        """Load task and policy, build optimizer and tracer; create (or restore) the run directory."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -114,14 +128,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm = max(cfg.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm else 1.0)
-        self.tracer = EntropyTracer(self.model, max_positions=cfg.trace_max_positions or None, seed=cfg.seed,
-                                    config=cfg.to_dict())
+            self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm else 1.0
+        )
+        self.tracer = EntropyTracer(
+            self.model, max_positions=cfg.trace_max_positions or None, seed=cfg.seed, config=cfg.to_dict()
+        )
         self.eval_set = self.task.eval_problems(cfg.eval_prompts)
+        if not create_run:
+            return
         if self.resume and self.run.latest_checkpoint() is not None:
             self._restore()
         elif self.resume and self.run.config_path.exists():
-            raise EntropyLabError(f"{self.run.path} has no checkpoint to resume from; start it again with --overwrite")
+            raise EntropyLabError(
+                f"{self.run.path} has no checkpoint to resume from; start it again with --overwrite"
+            )
         else:
             self.run.create(cfg, overwrite=self.overwrite, extra={"warm_start": self.warm_info})
 
@@ -132,9 +152,13 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------
     def _rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state(), "numpy": self.np_rng.bit_generator.state,
-                 "python": random.getstate(), "shuffle": self.shuffle_gen.get_state(),
-                 "loss": self.loss_gen.get_state()}
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": self.np_rng.bit_generator.state,
+            "python": random.getstate(),
+            "shuffle": self.shuffle_gen.get_state(),
+            "loss": self.loss_gen.get_state(),
+        }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -148,22 +172,22 @@ class Trainer:
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp / "model")
         self.tokenizer.save_pretrained(tmp / "model")
-        torch.save({"step": step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "rng": self._rng_state(),
-                    "config": self.cfg.to_dict()}, tmp / "trainer_state.pt")
+        torch.save(
+            {
+                "step": step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": self._rng_state(),
+                "config": self.cfg.to_dict(),
+            },
+            tmp / "trainer_state.pt",
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final
 
-    def _restore(self) -> None:
-        step, path = self.run.latest_checkpoint()
-        saved = self.run.train_config()
-        if saved.to_dict() != self.cfg.to_dict():
-            diff = sorted(k for k, v in self.cfg.to_dict().items() if saved.to_dict().get(k) != v)
-            raise EntropyLabError(f"cannot resume {self.run.path}: its configuration differs in {', '.join(diff)}")
-        model, tokenizer = load_policy(path / "model", self.device)
-        check_tokenizer_matches(model, tokenizer, str(path / "model"))
-        self.model.load_state_dict(model.state_dict())
+    def load_trainer_state(self, path: Path) -> int:
+        """Optimizer, scheduler and RNG states of a checkpoint; returns its step."""
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -175,6 +199,20 @@ class Trainer:
         self.loss_gen.set_state(rng["loss"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        return int(state["step"])
+
+    def _restore(self) -> None:
+        step, path = self.run.latest_checkpoint()
+        saved = self.run.train_config()
+        if saved.to_dict() != self.cfg.to_dict():
+            diff = sorted(k for k, v in self.cfg.to_dict().items() if saved.to_dict().get(k) != v)
+            raise EntropyLabError(
+                f"cannot resume {self.run.path}: its configuration differs in {', '.join(diff)}"
+            )
+        model, tokenizer = load_policy(path / "model", self.device)
+        check_tokenizer_matches(model, tokenizer, str(path / "model"))
+        self.model.load_state_dict(model.state_dict())
+        self.load_trainer_state(path)
         self.run.truncate_after(step)
         self.metrics_rows = self.run.read_metrics().to_dict("records")
         self.eval_rows = self.run.read_eval().to_dict("records")
@@ -186,8 +224,15 @@ class Trainer:
         cfg = self.cfg
         problems = self.task.sample(cfg.prompts_per_step, self.np_rng)
         with self.autocast():
-            ro = sample(self.model, self.tokenizer, problems, cfg.samples_per_prompt, temperature=cfg.temperature,
-                        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+            ro = sample(
+                self.model,
+                self.tokenizer,
+                problems,
+                cfg.samples_per_prompt,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+            )
         rewards = rewards_of(self.task, problems, ro).to(self.device)  # (B,)
         return ro, rewards, problems
 
@@ -219,13 +264,26 @@ class Trainer:
         records = []
         update = 0
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.shuffle_gen).to(self.device) if cfg.mini_batches > 1 \
+            order = (
+                torch.randperm(B, generator=self.shuffle_gen).to(self.device)
+                if cfg.mini_batches > 1
                 else torch.arange(B, device=self.device)
+            )
             for mb in order.chunk(cfg.mini_batches):
-                ctx = self.tracer.step(ro.input_ids[mb], ro.attention_mask[mb], ro.response_mask[mb],
-                                       advantages=adv_tok[mb], old_logprobs=old["logprob"][mb], step=step,
-                                       update=update, forward_kwargs={"position_ids": ro.position_ids[mb]}) \
-                    if traced else contextlib.nullcontext()
+                ctx = (
+                    self.tracer.step(
+                        ro.input_ids[mb],
+                        ro.attention_mask[mb],
+                        ro.response_mask[mb],
+                        advantages=adv_tok[mb],
+                        old_logprobs=old["logprob"][mb],
+                        step=step,
+                        update=update,
+                        forward_kwargs={"position_ids": ro.position_ids[mb]},
+                    )
+                    if traced
+                    else contextlib.nullcontext()
+                )
                 with ctx as trace:
                     self.optimizer.zero_grad(set_to_none=True)
                     n_tok, n_seq = float(mask[mb].sum()), float(len(mb))
@@ -233,21 +291,39 @@ class Trainer:
                     for offset in range(0, len(mb), micro):
                         rows = mb[offset : offset + micro]
                         logprob, entropy, collision = self._forward_stats(
-                            ro, rows, "entropy" in need and cfg.entropy_coef > 0 or "entropy" in need,
-                            "collision" in need)
-                        out = compute_loss(LossInputs(
-                            logprob=logprob, old_logprob=old["logprob"][rows], advantages=adv_tok[rows],
-                            mask=mask[rows], entropy=entropy, old_entropy=old["entropy"][rows],
-                            collision=collision, ref_logprob=None if ref_lp is None else ref_lp[rows],
-                            num_tokens=n_tok, num_seqs=n_seq, context=context, generator=self.loss_gen), cfg)
+                            ro,
+                            rows,
+                            "entropy" in need and cfg.entropy_coef > 0 or "entropy" in need,
+                            "collision" in need,
+                        )
+                        out = compute_loss(
+                            LossInputs(
+                                logprob=logprob,
+                                old_logprob=old["logprob"][rows],
+                                advantages=adv_tok[rows],
+                                mask=mask[rows],
+                                entropy=entropy,
+                                old_entropy=old["entropy"][rows],
+                                collision=collision,
+                                ref_logprob=None if ref_lp is None else ref_lp[rows],
+                                num_tokens=n_tok,
+                                num_seqs=n_seq,
+                                context=context,
+                                generator=self.loss_gen,
+                            ),
+                            cfg,
+                        )
                         if not torch.isfinite(out.loss):
                             raise EntropyLabError(self._nan_message(step, "loss"))
                         out.loss.backward()
                         if trace is not None:
-                            trace.annotate(rows=torch.arange(offset, offset + len(rows)),
-                                           clip_indicator=out.clip_indicator,
-                                           intervention_weight=out.intervention_weight,
-                                           normalizer=out.normalizer, advantage=out.advantage)
+                            trace.annotate(
+                                rows=torch.arange(offset, offset + len(rows)),
+                                clip_indicator=out.clip_indicator,
+                                intervention_weight=out.intervention_weight,
+                                normalizer=out.normalizer,
+                                advantage=out.advantage,
+                            )
                         for k, v in out.metrics.items():
                             sums[k].append(v)
                     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -281,8 +357,11 @@ class Trainer:
         B = len(rewards)
         with self.autocast():
             old = response_stats(self.model, ro, cfg.micro_batch_size)
-            ref_lp = None if self.ref_model is None else response_stats(self.ref_model, ro,
-                                                                        cfg.micro_batch_size)["logprob"]
+            ref_lp = (
+                None
+                if self.ref_model is None
+                else response_stats(self.ref_model, ro, cfg.micro_batch_size)["logprob"]
+            )
         for k, v in old.items():
             if not torch.isfinite(v).all():
                 raise EntropyLabError(self._nan_message(step, f"rollout {k}"))
@@ -291,14 +370,25 @@ class Trainer:
         seq_lp = mean_token_logprob(old["logprob"], mask).view(P, G)
         adv = advantages_for_config(rewards.view(P, G).float(), cfg, seq_lp).reshape(B)  # (B,)
         adv_tok = adv[:, None] * mask  # (B, T)
-        full = LossInputs(logprob=old["logprob"], old_logprob=old["logprob"], advantages=adv_tok, mask=mask,
-                          entropy=old["entropy"], old_entropy=old["entropy"], collision=old["collision"],
-                          ref_logprob=ref_lp)
+        full = LossInputs(
+            logprob=old["logprob"],
+            old_logprob=old["logprob"],
+            advantages=adv_tok,
+            mask=mask,
+            entropy=old["entropy"],
+            old_entropy=old["entropy"],
+            collision=old["collision"],
+            ref_logprob=ref_lp,
+        )
         context = prepare_context(full, cfg)
-        metrics = {"step": step, "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-                   "entropy/mean": mean_response_entropy(old, ro),
-                   "response/length": float(ro.response_lengths.float().mean()),
-                   "advantage/zero_frac": float((adv == 0).float().mean())}
+        metrics = {
+            "step": step,
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
+            "entropy/mean": mean_response_entropy(old, ro),
+            "response/length": float(ro.response_lengths.float().mean()),
+            "advantage/zero_frac": float((adv == 0).float().mean()),
+        }
         metrics.update(self.update(step, ro, adv_tok, old, ref_lp, context))
         metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
@@ -306,9 +396,17 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         cfg = self.cfg
         with self.autocast():
-            res = evaluate(self.model, self.tokenizer, self.task, self.eval_set, k=cfg.eval_k,
-                           temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                           seed=cfg.seed + 10_000 + step)
+            res = evaluate(
+                self.model,
+                self.tokenizer,
+                self.task,
+                self.eval_set,
+                k=cfg.eval_k,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed + 10_000 + step,
+            )
         return {"step": step, **res}
 
     # --- the loop ----------------------------------------------------------------------
@@ -334,3 +432,48 @@ class Trainer:
             self.callback("step", row)
         self.callback("end", {"steps": cfg.steps})
         return pd.DataFrame(self.metrics_rows)
+
+
+def method_fields() -> set[str]:
+    """Config fields that some method preset sets: they belong to the method, not to the run."""
+    from entropy_lab.methods import METHODS
+
+    return {k for m in METHODS.values() for k in m.defaults}
+
+
+def trace_checkpoint(
+    run: RunDir, step: int | None = None, method: str | None = None, callback: Callback | None = None
+) -> RunDir:
+    """One traced update from the checkpoint at ``step``, on the batch the run would have drawn next.
+
+    The update is step N+1 of the run. With the run's own method its trace goes to
+    ``run/traces/step_{N+1}.parquet`` when training did not trace that step; otherwise (another
+    method, or the file exists) to the run directory ``run/retrace-<method>-step_N``.
+    Returns the run directory holding the trace. The checkpoint itself is not modified.
+    """
+    from entropy_lab.methods import resolve_config
+
+    ckpts = run.checkpoints()
+    if not ckpts:
+        raise EntropyLabError(f"{run.path} has no checkpoints to trace from")
+    if step is None:
+        step = list(ckpts)[-1]
+    if step not in ckpts:
+        raise EntropyLabError(
+            f"{run.path} has no checkpoint at step {step}; available: {', '.join(map(str, ckpts))}"
+        )
+    base = run.train_config()
+    method = method or base.method
+    if method != base.method:  # a new preset over the run's non-method settings
+        defaults = TrainConfig().to_dict()
+        base = base.replace(**{k: defaults[k] for k in method_fields()})
+    cfg = resolve_config(method, {"model": str(ckpts[step] / "model"), "trace_every": 1}, base=base)
+    target = run
+    if method != run.train_config().method or run.trace_path(step + 1).exists():
+        target = RunDir(run.path / f"retrace-{method}-step_{step:06d}")
+        target.create(cfg, overwrite=True, extra={"traced_from": str(ckpts[step])})
+    trainer = Trainer(cfg, target.path, callback=callback)
+    trainer.setup(create_run=False)
+    trainer.load_trainer_state(ckpts[step])
+    trainer.train_step(step + 1)
+    return target

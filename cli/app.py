@@ -1,0 +1,32 @@
+"""The `entropy-lab` command: train, methods, trace, compare, figures."""
+
+from __future__ import annotations
+
+import typer
+
+from entropy_lab.cli.compare import compare
+from entropy_lab.cli.figures import figures
+from entropy_lab.cli.methods import methods
+from entropy_lab.cli.trace import trace
+from entropy_lab.cli.train import train
+
+app = typer.Typer(
+    name="entropy-lab",
+    help="Measure, predict and explain per-token entropy dynamics in RLVR, and compare entropy interventions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command()(train)
+app.command()(methods)
+app.command()(trace)
+app.command()(compare)
+app.command()(figures)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared pieces of the commands: one-line errors, tables, progress."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Annotated
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from entropy_lab.errors import EntropyLabError
+
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a config field, key=value (repeatable); see `entropy-lab methods --fields`."
+    ),
+]
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Bad input ends the command with one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EntropyLabError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def fmt(value, digits: int = 4) -> str:
+    """Compact number formatting for tables: 4 significant digits, NaN as '-'."""
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        return str(value)
+    try:
+        return f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def print_table(df: pd.DataFrame, title: str, columns: list[str] | None = None) -> None:
+    """Render ``df`` (selected ``columns``) as a rich table."""
+    if df is None or df.empty:
+        console.print(f"[dim]{title}: no data[/]")
+        return
+    cols = [c for c in (columns or list(df.columns)) if c in df.columns]
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for c in cols:
+        table.add_column(c, justify="left" if df[c].dtype == object else "right")
+    for _, row in df[cols].iterrows():
+        table.add_row(*(fmt(row[c]) for c in cols))
+    console.print(table)

@@ -1,0 +1,38 @@
+"""`entropy-lab methods`: the catalogue of entropy interventions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from entropy_lab.cli.common import console, friendly_errors
+from entropy_lab.config import TrainConfig, field_docs
+from entropy_lab.methods import METHODS
+
+
+@friendly_errors
+def methods(
+    fields: Annotated[
+        bool, typer.Option("--fields", help="List the config fields that --set accepts instead.")
+    ] = False,
+) -> None:
+    """Print the methods catalogue: name, what it changes, published defaults, reference."""
+    if fields:
+        table = Table(title="config fields (--set key=value)", title_justify="left", header_style="bold")
+        for col in ("field", "default", "meaning"):
+            table.add_column(col)
+        defaults = TrainConfig().to_dict()
+        for name, doc in field_docs().items():
+            table.add_row(name, repr(defaults[name]), doc)
+        console.print(table)
+        return
+    table = Table(title="entropy-lab methods", title_justify="left", header_style="bold", show_lines=True)
+    for col in ("name", "what it changes", "defaults", "reference"):
+        table.add_column(col, overflow="fold")
+    for m in METHODS.values():
+        table.add_row(
+            m.name, m.changes, ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-", m.reference
+        )
+    console.print(table)
