@@ -18,7 +18,8 @@ Deliberate simplifications:
 - Default noise floor: ``NOISE_FLOOR_FRACTION`` (1e-3) times the largest finite
   |delta_entropy| among the tokens of the same run (the ``method``/``run`` columns when
   present, else all records passed), pooled over steps so every step and estimator of a
-  run is judged against the same floor. Sign agreement counts only tokens above it.
+  run is judged against the same floor. Sign agreement counts only tokens above it whose
+  prediction is not exactly zero.
 - Degenerate inputs (n < 2, constant columns, all-zero predictions) give NaN, never an
   exception or a warning.
 """
@@ -175,9 +176,10 @@ def default_noise_floor(measured: np.ndarray) -> float:
 def sign_agreement(measured: np.ndarray, predicted: np.ndarray, floor: float) -> tuple[float, int]:
     """Fraction of tokens with |measured| > floor whose prediction has the same sign, and their count.
 
-    A zero prediction never agrees. NaN when no token is above the floor.
+    Tokens predicted exactly 0 (zero advantage: the estimator claims no first-order change)
+    are left out: they carry no sign to agree with. NaN when no token qualifies.
     """
-    above = np.abs(measured) > floor
+    above = (np.abs(measured) > floor) & (predicted != 0)
     n_above = int(above.sum())
     if n_above == 0:
         return float("nan"), 0

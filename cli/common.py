@@ -25,6 +25,14 @@ SetOption = Annotated[
 ]
 
 
+def quiet_transformers() -> None:
+    """Our progress bars replace transformers' per-file loading and saving bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Bad input ends the command with one line on stderr and exit code 2, never a traceback."""
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from entropy_lab.cli.common import console, friendly_errors, print_table
+from entropy_lab.cli.common import console, friendly_errors, print_table, quiet_transformers
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir
 
@@ -67,6 +67,7 @@ def trace(
     if ckpt_step is not None or step is not None or method is not None or not rd.trace_files():
         from entropy_lab.trainer import trace_checkpoint
 
+        quiet_transformers()
         if output == "table":
             console.print(f"tracing one update of {rd.path} from its checkpoint ...")
         target = trace_checkpoint(rd, step if step is not None else ckpt_step, method)

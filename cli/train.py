@@ -8,7 +8,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from entropy_lab.cli.common import SetOption, console, fmt, friendly_errors
+from entropy_lab.cli.common import SetOption, console, fmt, friendly_errors, quiet_transformers
 from entropy_lab.cli.progress import TrainProgress
 from entropy_lab.config import parse_overrides
 from entropy_lab.methods import resolve_config
@@ -63,6 +63,7 @@ def run_training(
 ) -> Path:
     from entropy_lab.trainer import Trainer  # torch and transformers load only when training
 
+    quiet_transformers()
     with TrainProgress(out.name, quiet=quiet) as progress:
         metrics = Trainer(cfg, out, resume=resume, overwrite=overwrite, callback=progress).train()
     s = summarise(metrics)

@@ -138,7 +138,7 @@ def test_degenerate_inputs_give_nan_without_warnings():
         single = tightness_summary(simple_records(dh[:1], softmax=dh[:1])).iloc[0]
         empty = tightness_summary(simple_records(dh[:0], softmax=dh[:0]))
     assert np.isnan(zero["gain"]) and np.isnan(zero["pearson"]) and np.isnan(zero["r2"])
-    assert zero["sign_agreement"] == 0.0  # a zero prediction never agrees in sign
+    assert np.isnan(zero["sign_agreement"]) and zero["n_above_floor"] == 0  # zero predictions carry no sign
     assert np.isnan(constant["pearson"]) and np.isnan(constant["r2"]) and np.isfinite(constant["gain"])
     assert single["n"] == 1 and np.isnan(single["pearson"]) and single["gain"] == pytest.approx(1.0)
     assert empty.empty and list(empty.columns)[:2] == ["estimator", "n"]
