@@ -1,0 +1,193 @@
+"""The commands, in-process with typer's CliRunner, on a tiny policy saved to disk."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from helpers_train import dense_reward_fixture, save_policy, tiny_policy_dir_fixture  # noqa: F401
+from typer.testing import CliRunner
+
+from entropy_lab.cli.app import app
+from entropy_lab.methods import METHODS
+from entropy_lab.models import build_tiny_policy
+from entropy_lab.tasks import get_task
+from entropy_lab.tokenizer import build_char_tokenizer
+
+runner = CliRunner()
+SETS = [
+    "--set",
+    "prompts_per_step=4",
+    "--set",
+    "samples_per_prompt=4",
+    "--set",
+    "max_new_tokens=4",
+    "--set",
+    "eval_prompts=8",
+    "--set",
+    "eval_k=2",
+    "--set",
+    "eval_every=1",
+    "--set",
+    "trace_every=1",
+    "--set",
+    "checkpoint_every=2",
+]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_policy_dir):
+    mp = pytest.MonkeyPatch()
+    from helpers_train import digit_reward
+
+    from entropy_lab.tasks.arithmetic import ArithmeticTask
+
+    mp.setattr(ArithmeticTask, "reward", digit_reward)
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = invoke(
+        "train",
+        "--method",
+        "grpo",
+        "--task",
+        "arithmetic",
+        "--model",
+        tiny_policy_dir,
+        "--steps",
+        2,
+        *SETS,
+        "--out",
+        out,
+        "--quiet",
+    )
+    mp.undo()
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_methods_lists_the_catalogue():
+    result = invoke("methods")
+    assert result.exit_code == 0
+    for name in METHODS:
+        assert name in result.output
+    fields = invoke("methods", "--fields")
+    assert "steer_lambda_min" in fields.output and "clip_eps_high" in fields.output
+
+
+def test_train_writes_a_run_and_refuses_to_overwrite(trained_run, tiny_policy_dir):
+    assert (trained_run / "config.json").is_file()
+    assert len(pd.read_parquet(trained_run / "metrics.parquet")) == 2
+    assert sorted(p.name for p in (trained_run / "traces").iterdir()) == [
+        "step_000001.parquet",
+        "step_000002.parquet",
+    ]
+    again = invoke(
+        "train",
+        "--task",
+        "arithmetic",
+        "--model",
+        tiny_policy_dir,
+        "--steps",
+        2,
+        *SETS,
+        "--out",
+        trained_run,
+        "--quiet",
+    )
+    assert_one_line_error(again, "already holds a run", "--overwrite")
+
+
+def test_trace_analyses_existing_traces(trained_run):
+    result = invoke("trace", "--run", trained_run)
+    assert result.exit_code == 0, result.output
+    for name in ("paper", "softmax", "logit-grad", "covariance", "quadrants", "decomposition"):
+        assert name in result.output
+    assert (trained_run / "report.md").is_file()
+    assert (trained_run / "figures" / "measured_vs_predicted.png").stat().st_size > 0
+    js = invoke("trace", "--run", trained_run, "--format", "json")
+    data = json.loads(js.output)
+    assert {row["estimator"] for row in data["tightness"]} == {
+        "paper",
+        "sampled-logit",
+        "softmax",
+        "logit-grad",
+        "covariance",
+    }
+
+
+def test_trace_from_a_checkpoint(trained_run, dense_reward):
+    result = invoke("trace", "--run", trained_run / "checkpoints" / "step_000002")
+    assert result.exit_code == 0, result.output
+    assert (trained_run / "traces" / "step_000003.parquet").is_file()  # the update after the checkpoint
+    other = invoke("trace", "--run", trained_run, "--step", 2, "--method", "steer", "--format", "json")
+    assert other.exit_code == 0, other.output
+    assert json.loads(other.output[other.output.index("{") :])["run"].endswith("retrace-steer-step_000002")
+
+
+def test_figures_rebuilds_from_records(trained_run, tmp_path):
+    shutil.rmtree(trained_run / "figures", ignore_errors=True)
+    result = invoke("figures", "--run", trained_run, "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    assert (trained_run / "figures" / "training_curves.png").is_file()
+    assert (tmp_path / "cmp" / "report.md").is_file()
+
+
+def test_compare_trains_then_reuses(tmp_path, tiny_policy_dir, dense_reward):
+    args = [
+        "compare",
+        "grpo",
+        "steer",
+        "--steps",
+        2,
+        "--task",
+        "arithmetic",
+        "--model",
+        tiny_policy_dir,
+        *SETS,
+        "--out",
+        tmp_path,
+        "--quiet",
+    ]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "grpo" in first.output and "steer" in first.output
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "steer-s0" / "report.md").is_file()
+    second = invoke(*args)
+    assert second.exit_code == 0 and second.output.count("reusing") == 2
+
+
+def test_bad_input_gives_one_line(tmp_path, trained_run, tiny_policy_dir):
+    assert_one_line_error(invoke("trace", "--run", tmp_path / "nope"), "no run or checkpoint directory")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    assert_one_line_error(invoke("trace", "--run", tmp_path / "bad"), "malformed")
+    assert_one_line_error(invoke("train", "--method", "nope"), "unknown method", "steer")
+    assert_one_line_error(invoke("train", "--set", "lrr=1"), "unknown config key", "lr")
+    assert_one_line_error(invoke("train", "--set", "lr=fast"), "expects float")
+    assert_one_line_error(invoke("compare", "grpo", "nope"), "unknown method")
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_run, broken)
+    for f in (broken / "traces").glob("*.parquet"):
+        pd.read_parquet(f).drop(columns=["omega_softmax"]).to_parquet(f)
+    assert_one_line_error(invoke("figures", "--run", broken), "omega_softmax")
+
+
+def test_checkpoint_with_a_foreign_tokenizer(tmp_path, trained_run):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    shutil.copytree(trained_run, tmp_path / "run")
+    big = build_char_tokenizer(get_task("countdown").alphabet() + "abcdefghijklmnopqrstuvwxyz")
+    small = build_char_tokenizer(get_task("arithmetic").alphabet())
+    build_tiny_policy(small).save_pretrained(ckpt / "model")
+    big.save_pretrained(ckpt / "model")
+    assert_one_line_error(invoke("trace", "--run", ckpt), "do not belong together")
