@@ -132,7 +132,7 @@ def response_stats(model, rollout: Rollout, micro_batch_size: int = 0) -> dict[s
     for s in range(0, B, mb):
         idx = torch.arange(s, min(B, s + mb), device=rollout.input_ids.device)
         logits = model(**rollout.rows(idx)).logits  # (b, T, V)
-        st = token_stats(logits[:, :-1], rollout.input_ids[idx, 1:])
+        st = token_stats(logits[:, :-1], rollout.input_ids[idx, 1:], check_finite=False)  # the trainer checks
         out["logprob"][idx, 1:] = st.logprob.float()
         out["entropy"][idx, 1:] = st.entropy.float()
         out["collision"][idx, 1:] = st.collision.float()
@@ -169,10 +169,9 @@ def evaluate_sampled(
     seed: int = 0,
     max_new_tokens: int | None = None,
 ) -> dict[str, float]:
-    """Sampled pass@1 and mean response-token entropy of one sample per problem (RNG restored after)."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    """Sampled pass@1 and mean response-token entropy of one sample per problem (RNG states restored)."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CPU and every GPU
+        torch.manual_seed(seed)
         ro = sample(
             model,
             tokenizer,
@@ -181,8 +180,6 @@ def evaluate_sampled(
             temperature=temperature,
             max_new_tokens=max_new_tokens or task.max_new_tokens,
         )
-    finally:
-        torch.set_rng_state(state)
     rewards = rewards_of(task, problems, ro)
     ent = mean_response_entropy(response_stats(model, ro), ro)
     return {"pass@1": float(rewards.mean()), "entropy": ent}
@@ -201,16 +198,13 @@ def evaluate(
     max_new_tokens: int,
     seed: int,
 ) -> dict[str, float]:
-    """Greedy accuracy and unbiased pass@1..k from k samples per problem; the global RNG is restored."""
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    """Greedy accuracy and unbiased pass@1..k from k samples per problem; the global RNG states are restored."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CPU and every GPU
+        torch.manual_seed(seed)
         greedy = sample(model, tokenizer, problems, 1, max_new_tokens=max_new_tokens, greedy=True)
         sampled = sample(
             model, tokenizer, problems, k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
         )
-    finally:
-        torch.set_rng_state(state)
     out = {"eval/accuracy": float(rewards_of(task, problems, greedy).mean())}
     correct = (rewards_of(task, problems, sampled) > 0).view(len(problems), k).sum(-1).tolist()
     for j in range(1, k + 1):

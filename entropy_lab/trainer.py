@@ -138,9 +138,10 @@ class Trainer:
             return
         if self.resume and self.run.latest_checkpoint() is not None:
             self._restore()
-        elif self.resume and self.run.config_path.exists():
+        elif self.resume:
             raise EntropyLabError(
-                f"{self.run.path} has no checkpoint to resume from; start it again with --overwrite"
+                f"{self.run.path} has no checkpoint to resume from; start it without --resume"
+                + (" and with --overwrite" if self.run.config_path.exists() else "")
             )
         else:
             self.run.create(cfg, overwrite=self.overwrite, extra={"warm_start": self.warm_info})
@@ -203,9 +204,10 @@ class Trainer:
 
     def _restore(self) -> None:
         step, path = self.run.latest_checkpoint()
-        saved = self.run.train_config()
-        if saved.to_dict() != self.cfg.to_dict():
-            diff = sorted(k for k, v in self.cfg.to_dict().items() if saved.to_dict().get(k) != v)
+        saved = self.run.train_config().to_dict()
+        # A longer budget extends the run; anything else would change what the checkpoint means.
+        diff = sorted(k for k, v in self.cfg.to_dict().items() if k != "steps" and saved.get(k) != v)
+        if diff:
             raise EntropyLabError(
                 f"cannot resume {self.run.path}: its configuration differs in {', '.join(diff)}"
             )
@@ -345,6 +347,16 @@ class Trainer:
             metrics["trace/omega_softmax_mean"] = float(df.omega_softmax.mean())
         return metrics
 
+    @contextlib.contextmanager
+    def _sampling_guard(self, step: int):
+        """torch's sampler raises a bare RuntimeError on NaN/inf probabilities: make it the run's error."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "probability tensor contains" not in str(exc):
+                raise
+            raise EntropyLabError(self._nan_message(step, "sampling probabilities (policy logits)")) from None
+
     def _nan_message(self, step: int, what: str) -> str:
         last = self.run.latest_checkpoint()
         where = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written yet"
@@ -353,7 +365,8 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        ro, rewards, _ = self.rollout()
+        with self._sampling_guard(step):
+            ro, rewards, _ = self.rollout()
         B = len(rewards)
         with self.autocast():
             old = response_stats(self.model, ro, cfg.micro_batch_size)
@@ -395,7 +408,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         cfg = self.cfg
-        with self.autocast():
+        with self.autocast(), self._sampling_guard(step):
             res = evaluate(
                 self.model,
                 self.tokenizer,

@@ -1,0 +1,244 @@
+"""Resume: a run killed with SIGKILL and resumed equals the uninterrupted run, bit for bit on CPU.
+
+The runs happen in subprocesses (one thread each, for determinism) that build a
+``TrainConfig`` and call ``Trainer(cfg, out).train()``. The run to be killed stops inside
+its step-6 checkpoint write, after half the checkpoint is on disk, so that its latest
+complete checkpoint is step 4 while its metrics, evaluation and traces already hold
+steps 5 and 6: resuming must discard those and redo them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from helpers_train import (  # noqa: F401  (the fixtures dense_reward, isolated_cache, tiny_policy_dir)
+    dense_reward_fixture,
+    isolated_cache_fixture,
+    small_config,
+    tiny_policy_dir_fixture,
+)
+
+from entropy_lab.errors import EntropyLabError
+from entropy_lab.models import load_policy
+from entropy_lab.records import load_records
+from entropy_lab.runs import RunDir
+from entropy_lab.trainer import Trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(1)
+
+    from helpers_train import digit_reward, small_config
+    from entropy_lab.tasks.arithmetic import ArithmeticTask
+    from entropy_lab.trainer import Trainer
+
+    policy, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    ArithmeticTask.reward = digit_reward
+    cfg = small_config("grpo", policy, steps=6, checkpoint_every=2, eval_every=3, trace_every=2,
+                       mini_batches=2, micro_batch_size=4)
+
+    if mode == "kill":
+        original = Trainer.save_checkpoint
+
+        def save_checkpoint(self, step):
+            if step == 6:
+                # half a checkpoint on disk, then wait to be killed
+                tmp = self.run.checkpoint_path(step).with_name("step_000006.tmp")
+                self.model.save_pretrained(tmp / "model")
+                Path(out, "KILL_ME").write_text("ready")
+                time.sleep(600)
+            return original(self, step)
+
+        Trainer.save_checkpoint = save_checkpoint
+
+    Trainer(cfg, out, resume=(mode == "resume")).train()
+    """
+)
+
+
+def launch(script: Path, policy: Path, out: Path, mode: str, cache: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "ENTROPY_LAB_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, str(script), str(policy), str(out), mode],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> None:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output.decode()[-3000:]
+
+
+def without_time(df: pd.DataFrame) -> pd.DataFrame:
+    return df[[c for c in df.columns if not c.startswith("time/")]]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_policy_dir, isolated_cache):
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+
+    full = launch(script, tiny_policy_dir, full_dir, "full", isolated_cache)
+    victim = launch(script, tiny_policy_dir, killed_dir, "kill", isolated_cache)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed_dir / "KILL_ME").exists():
+            assert victim.poll() is None, victim.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached its step-6 checkpoint"
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        assert victim.returncode == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    finish(full)
+
+    killed = RunDir(killed_dir)
+    assert sorted(killed.checkpoints()) == [2, 4], "step 6 was only half written"
+    assert (killed.checkpoints_dir / "step_000006.tmp").is_dir()
+    assert killed.read_metrics()["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert killed.read_eval()["step"].tolist() == [0, 3, 6]
+    assert [f.name for f in killed.trace_files()] == [f"step_00000{s}.parquet" for s in (2, 4, 6)]
+
+    os.remove(killed_dir / "KILL_ME")
+    finish(launch(script, tiny_policy_dir, killed_dir, "resume", isolated_cache))
+
+    reference = RunDir(full_dir)
+    pd.testing.assert_frame_equal(
+        without_time(killed.read_metrics()), without_time(reference.read_metrics()), check_exact=True
+    )
+    assert killed.read_metrics()["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    pd.testing.assert_frame_equal(killed.read_eval(), reference.read_eval(), check_exact=True)
+    assert [f.name for f in killed.trace_files()] == [f.name for f in reference.trace_files()]
+    for a, b in zip(killed.trace_files(), reference.trace_files(), strict=True):
+        ra, ma = load_records(a)
+        rb, mb = load_records(b)
+        pd.testing.assert_frame_equal(ra, rb, check_exact=True)
+        assert ma == mb
+    assert sorted(killed.checkpoints()) == sorted(reference.checkpoints()) == [2, 4, 6]
+    assert not list(killed.checkpoints_dir.glob("*.tmp"))
+    m_killed, _ = load_policy(killed.checkpoint_path(6) / "model")
+    m_ref, _ = load_policy(reference.checkpoint_path(6) / "model")
+    for name, value in m_ref.state_dict().items():
+        assert torch.equal(m_killed.state_dict()[name], value), name
+    s_killed = torch.load(killed.checkpoint_path(6) / "trainer_state.pt", weights_only=False)
+    s_ref = torch.load(reference.checkpoint_path(6) / "trainer_state.pt", weights_only=False)
+    for group_k, group_r in zip(
+        s_killed["optimizer"]["state"].values(), s_ref["optimizer"]["state"].values(), strict=True
+    ):
+        for key in group_r:
+            assert torch.equal(group_k[key], group_r[key]), key
+    assert s_killed["scheduler"] == s_ref["scheduler"]
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, tiny_policy_dir, isolated_cache):
+    cfg = small_config("grpo", tiny_policy_dir, steps=2)
+    out = tmp_path / "run"
+    RunDir(out).create(cfg)  # a run that died before its first checkpoint
+    with pytest.raises(EntropyLabError) as err:
+        Trainer(cfg, out, resume=True).train()
+    message = str(err.value)
+    assert "checkpoint" in message and "\n" not in message
+    assert RunDir(out).read_config()["config"] == cfg.to_dict()
+    assert not RunDir(out).metrics_path.exists()
+
+
+def test_resume_with_a_changed_config_names_the_key(tmp_path, tiny_policy_dir, isolated_cache):
+    cfg = small_config("grpo", tiny_policy_dir, steps=2, eval_every=0)
+    out = tmp_path / "run"
+    Trainer(cfg, out).train()
+    before = RunDir(out).read_metrics()
+    with pytest.raises(EntropyLabError) as err:
+        Trainer(cfg.replace(lr=2e-3), out, resume=True).train()
+    message = str(err.value)
+    assert "lr" in message and "steps" not in message and "\n" not in message
+    pd.testing.assert_frame_equal(RunDir(out).read_metrics(), before)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_policy_dir, isolated_cache):
+    cfg = small_config("grpo", tiny_policy_dir, steps=2)
+    out = tmp_path / "run"
+    Trainer(cfg, out).train()
+    run = RunDir(out)
+    metrics, evals = run.read_metrics(), run.read_eval()
+    traces = {f.name: f.read_bytes() for f in run.trace_files()}
+    returned = Trainer(cfg, out, resume=True).train()
+    pd.testing.assert_frame_equal(run.read_metrics(), metrics)
+    pd.testing.assert_frame_equal(returned, metrics, check_dtype=False)
+    pd.testing.assert_frame_equal(run.read_eval(), evals)
+    assert {f.name: f.read_bytes() for f in run.trace_files()} == traces
+
+
+# --- in-process resume after a crash, for methods that draw random numbers in the loss -------
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(step: int):
+    def callback(event, info):
+        if event == "step" and info["step"] == step:
+            raise Crash
+
+    return callback
+
+
+@pytest.mark.parametrize("method", ["clip-cov", "kl", "steer"])  # grpo: see the SIGKILL test
+def test_resume_after_a_crash_equals_uninterrupted(
+    method, tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+):
+    """Same process, so same threads: the resumed run matches exactly (clip-cov uses the loss RNG,
+    mini-batches the shuffle RNG, trace_max_positions the tracer's position sampling)."""
+    overrides = dict(
+        steps=4, checkpoint_every=2, eval_every=3, trace_every=1, mini_batches=2, trace_max_positions=6
+    )
+    if method == "clip-cov":
+        overrides["clip_cov_ratio"] = 0.2  # detach some tokens every call
+    cfg = small_config(method, tiny_policy_dir, **overrides)
+    Trainer(cfg, tmp_path / "full").train()
+    with pytest.raises(Crash):
+        Trainer(cfg, tmp_path / "crashed", callback=crash_after(3)).train()
+    crashed = RunDir(tmp_path / "crashed")
+    assert crashed.read_metrics()["step"].tolist() == [1, 2, 3] and sorted(crashed.checkpoints()) == [2]
+    Trainer(cfg, tmp_path / "crashed", resume=True).train()
+
+    reference = RunDir(tmp_path / "full")
+    pd.testing.assert_frame_equal(
+        without_time(crashed.read_metrics()), without_time(reference.read_metrics()), check_exact=True
+    )
+    pd.testing.assert_frame_equal(crashed.read_eval(), reference.read_eval(), check_exact=True)
+    for a, b in zip(crashed.trace_files(), reference.trace_files(), strict=True):
+        assert a.name == b.name
+        pd.testing.assert_frame_equal(load_records(a)[0], load_records(b)[0], check_exact=True)
+    assert len(load_records(crashed.trace_path(4))[0]) == 6 * 2  # 6 positions per update, 2 updates
