@@ -59,9 +59,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.records import COLUMNS, save_records
 from entropy_lab.stats import (
-    DEFAULT_CHUNK_BYTES,
-    entropy_gradient_dot,
+    TokenStats,
+    entropy_change_stats,
     first_nonfinite,
+    resolve_chunk_bytes,
     rows_per_chunk,
     token_stats,
 )
@@ -110,7 +111,8 @@ class EntropyTracer:
             fraction (float in (0, 1]), sampled uniformly with ``seed``.
         forward_batch_size: rows per no-grad forward of the tracer (default: the largest
             micro-batch the training loop used).
-        chunk_bytes: bound on one fp32 (chunk, V) temporary in the statistics.
+        chunk_bytes: bound on one fp32 (chunk, V) temporary in the statistics (None: the device's
+            default, see ``entropy_lab.stats.resolve_chunk_bytes``).
         config: stored in the metadata of saved trace files.
     """
 
@@ -120,7 +122,7 @@ class EntropyTracer:
         *,
         max_positions: int | float | None = None,
         forward_batch_size: int | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         seed: int = 0,
         config: dict | None = None,
     ):
@@ -263,6 +265,10 @@ class TraceStep:
         self.have_before = torch.zeros(self.n, dtype=torch.bool, device=dev)
         self.grad_dot = torch.zeros(self.n, dtype=torch.float64, device=dev)
         self.have_grad = torch.zeros(self.n, dtype=torch.bool, device=dev)
+        # Pre-update statistics, filled by the gradient hook as a by-product (same pass over V);
+        # tokens no gradient reached are computed at the optimizer step.
+        self._pre_parts: dict[str, torch.Tensor] = {}
+        self.have_pre = torch.zeros(self.n, dtype=torch.bool, device=dev)
         self._pre_stats = None
 
     def _n_sampled(self, n_total: int) -> int:
@@ -366,8 +372,16 @@ class TraceStep:
         local_rows, token_idx = torch.cat(local), torch.cat(token)  # (k,), (k,)
         pos = self.t_idx[token_idx] - 1  # logits at t-1 predict token t
         if self._deterministic and self.n_optimizer_steps == 0:
-            z = logits.detach()[local_rows, pos]  # (k, V)
-            self._store_before(token_idx, z)
+            z = logits.detach()[local_rows, pos]  # (k, V), a copy
+            if (
+                self.z_before is None
+                and len(token_idx) == self.n
+                and bool((token_idx == torch.arange(self.n, device=token_idx.device)).all())
+            ):
+                self.z_before = z  # one forward over the whole batch: keep the copy, no second one
+                self.have_before[:] = True
+            else:
+                self._store_before(token_idx, z)
         if logits.requires_grad and torch.is_grad_enabled():
             self._tensor_handles.append(logits.register_hook(self._grad_hook(local_rows, pos, token_idx)))
         return None
@@ -376,14 +390,22 @@ class TraceStep:
         def hook(grad: torch.Tensor):
             if self.z_before is None or not bool(self.have_before[token_idx].all()):
                 return None
-            g = grad[local_rows, pos]  # (k, V) dLoss/dz at the traced tokens
-            self.grad_dot.index_add_(
-                0,
-                token_idx,
-                entropy_gradient_dot(
-                    self.z_before[token_idx], g, chunk_bytes=self.tracer.chunk_bytes
-                ).double(),
-            )
+            chunk_bytes = resolve_chunk_bytes(self.tracer.chunk_bytes, grad.device)
+            step = rows_per_chunk(grad.shape[-1], chunk_bytes)
+            # Chunked gathers: never a (k, V) copy of the gradient or of z_before. One pass over
+            # the vocabulary gives sum_k pi_k l_k g_k and the pre-update statistics of the tokens.
+            for s in range(0, len(token_idx), step):
+                rows, at, tok = local_rows[s : s + step], pos[s : s + step], token_idx[s : s + step]
+                g = grad[rows, at]  # (c, V) dLoss/dz at the traced tokens
+                st = token_stats(
+                    self.z_before[tok],
+                    self.targets[tok],
+                    direction=g,
+                    chunk_bytes=chunk_bytes,
+                    check_finite=False,
+                )
+                self.grad_dot.index_add_(0, tok, st.direction_dot.double())
+                self._store_pre(tok, st)
             self.have_grad[token_idx] = True
             return None
 
@@ -453,11 +475,26 @@ class TraceStep:
                 f"{what} logits are NaN/+inf (or all -inf) at sample {int(self.b_idx[i])}, position {int(self.t_idx[i])}"
             )
 
-    def _before_stats(self):
+    def _store_pre(self, token_idx: torch.Tensor, st) -> None:
+        for key in ("entropy", "logprob", "collision"):
+            value = getattr(st, key)
+            if key not in self._pre_parts:
+                self._pre_parts[key] = torch.empty(self.n, dtype=value.dtype, device=value.device)
+            self._pre_parts[key][token_idx] = value
+        self.have_pre[token_idx] = True
+
+    def _before_stats(self) -> TokenStats:
         self._check_finite(self.z_before, "pre-update")
-        return token_stats(
-            self.z_before, self.targets, chunk_bytes=self.tracer.chunk_bytes, check_finite=False
-        )
+        missing = (~self.have_pre).nonzero(as_tuple=True)[0]
+        if len(missing):
+            st = token_stats(
+                self.z_before[missing],
+                self.targets[missing],
+                chunk_bytes=self.tracer.chunk_bytes,
+                check_finite=False,
+            )
+            self._store_pre(missing, st)
+        return TokenStats(**self._pre_parts)
 
     # --- results -----------------------------------------------------------------------
     def _finish(self) -> None:
@@ -473,24 +510,17 @@ class TraceStep:
             )
         pre = self._pre_stats or self._before_stats()
         z_b = self.z_before
-        n, V = z_b.shape
+        n = z_b.shape[0]
         entropy_after = torch.empty(n, dtype=torch.float64, device=z_b.device)
         linear = torch.empty(n, dtype=torch.float64, device=z_b.device)
-        chunk = rows_per_chunk(V, self.tracer.chunk_bytes)
         unchanged = True
         for idx, z_a in self._forward_traced_rows(torch.ones(n, dtype=torch.bool, device=z_b.device)):
             self._check_finite(z_a, "post-update")
-            entropy_after[idx] = token_stats(
-                z_a, None, chunk_bytes=self.tracer.chunk_bytes, check_finite=False
-            ).entropy.double()
-            for s in range(0, len(idx), chunk):
-                part = idx[s : s + chunk]
-                zb = z_b[part]
-                dz = z_a[s : s + chunk].to(pre.entropy.dtype) - zb.to(pre.entropy.dtype)  # (c, V)
-                unchanged = unchanged and not bool(dz.ne(0).any())
-                # -inf - -inf is NaN where a masked vocabulary stays masked: no change there.
-                dz = torch.nan_to_num(dz, nan=0.0)
-                linear[part] = -entropy_gradient_dot(zb, dz, chunk_bytes=self.tracer.chunk_bytes).double()
+            # One pass per chunk: entropy after, and the first-order change along dz = z_a - z_b
+            # (-inf - -inf is NaN where a masked vocabulary stays masked: no change there).
+            h_after, lin, changed = entropy_change_stats(z_b[idx], z_a, chunk_bytes=self.tracer.chunk_bytes)
+            entropy_after[idx], linear[idx] = h_after.double(), lin.double()
+            unchanged = unchanged and not changed
         if unchanged and self.n_optimizer_steps > 0:
             warnings.warn(
                 "the optimizer step left every traced logit unchanged (all advantages zero?): "

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.stats import entropy_from_logits, entropy_gradient_dot, gather_logprobs, token_stats
+from entropy_lab.stats import (
+    entropy_change_stats,
+    entropy_from_logits,
+    entropy_gradient_dot,
+    gather_logprobs,
+    token_stats,
+)
 
 
 def naive(logits, targets):
@@ -122,3 +128,48 @@ def test_differentiable_helpers_match_naive():
     torch.testing.assert_close(H, -(p * p.log()).sum(-1))
     (lp.sum() + H.sum()).backward()
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_entropy_change_stats_matches_naive(dtype, masked):
+    g = torch.Generator().manual_seed(5)
+    before = (torch.randn(9, 17, generator=g) * 2).to(dtype)
+    after = (before.double() + 0.1 * torch.randn(9, 17, generator=g, dtype=torch.float64)).to(dtype)
+    if masked:  # the same entries masked on both sides: no change there
+        before[:, :3] = -float("inf")
+        after[:, :3] = -float("inf")
+    h_after, linear, changed = entropy_change_stats(before, after, chunk_bytes=100)
+    dz = torch.nan_to_num(after.double() - before.double(), nan=0.0)
+    torch.testing.assert_close(
+        h_after.double(), naive(after, torch.zeros(9, dtype=torch.long))[0], atol=2e-5, rtol=0
+    )
+    torch.testing.assert_close(linear.double(), -entropy_gradient_dot(before.double(), dz), atol=2e-5, rtol=0)
+    assert changed
+    assert not entropy_change_stats(before, before.clone())[2]
+
+
+def test_direction_dot_equals_entropy_gradient_dot():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
+    d = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
+    s = token_stats(z, direction=d, chunk_bytes=64)
+    torch.testing.assert_close(
+        s.direction_dot, entropy_gradient_dot(z.reshape(10, 13), d.reshape(10, 13)).reshape(2, 5)
+    )
+
+
+def test_unchanged_warning_fires_with_a_masked_vocabulary():
+    from entropy_lab.tabular import TabularPolicy
+    from entropy_lab.trace import EntropyTracer
+
+    model = TabularPolicy(6, max_states=16)
+    with torch.no_grad():
+        model.head.weight[:, :2] = -float("inf")
+    ids = torch.tensor([[0, 3, 4], [1, 5, 3]])
+    resp = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="unchanged"):
+        with EntropyTracer(model).step(ids, None, resp, advantages=torch.zeros(2)):
+            model(input_ids=ids)
+            opt.step()
