@@ -15,6 +15,8 @@ from rich.table import Table
 from entropy_lab.errors import EntropyLabError
 
 console = Console()
+if not console.is_terminal:  # piped or captured output: wide tables, nothing truncated at 80 columns
+    console.width = max(console.width, 160)
 err_console = Console(stderr=True)
 
 SetOption = Annotated[
@@ -66,10 +68,13 @@ def print_table(df: pd.DataFrame, title: str, columns: list[str] | None = None) 
     if df is None or df.empty:
         console.print(f"[dim]{title}: no data[/]")
         return
-    cols = [c for c in (columns or list(df.columns)) if c in df.columns]
+    # columns that hold nothing (a CI with one seed) are left out rather than printed as dashes
+    cols = [c for c in (columns or list(df.columns)) if c in df.columns and not df[c].isna().all()]
     table = Table(title=title, title_justify="left", header_style="bold")
     for c in cols:
-        table.add_column(c, justify="left" if df[c].dtype == object else "right")
+        table.add_column(
+            c, justify="left" if df[c].dtype == object else "right", no_wrap=True, min_width=len(c)
+        )
     for _, row in df[cols].iterrows():
         table.add_row(*(fmt(row[c]) for c in cols))
     console.print(table)

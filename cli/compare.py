@@ -23,6 +23,7 @@ COMPARE_COLUMNS = [
     "final_reward_ci",
     "best_accuracy",
     "final_accuracy",
+    "final_pass@1",
     "mean_abs_entropy_step",
 ]
 
@@ -77,8 +78,12 @@ def compare(
         for rd in runs[m]:
             run_report(rd)
     result = compare_report(runs, out)
+    table = result["table"]
+    widest_k = [
+        c for c in table.columns if c.startswith("final_pass@") and c[11:].isdigit() and c != "final_pass@1"
+    ][-1:]
     print_table(
-        result["table"], "comparison (batch-level; final = mean of the last 10% of steps)", COMPARE_COLUMNS
+        table, "comparison (batch-level; final = mean of the last 10% of steps)", COMPARE_COLUMNS + widest_k
     )
     print_table(
         result.get("tightness"),
