@@ -47,6 +47,7 @@ several optimizer steps inside one context, the records cover their sum (a warni
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -91,6 +92,14 @@ def has_active_dropout(model: nn.Module) -> bool:
         float(getattr(getattr(model, "config", None), k, 0.0) or 0.0) > 0
         for k in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout")
     )
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes HF's ``logits_to_keep`` (positions whose logits to compute)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
@@ -204,6 +213,7 @@ class TraceStep:
         self._in_own_forward = False
         self._largest_micro = 0
         self._deterministic = not has_active_dropout(self.model)
+        self._keeps_logits = accepts_logits_to_keep(self.model)
         self._autocast: tuple[bool, torch.dtype | None] = (False, None)
 
     # --- inputs ------------------------------------------------------------------------
@@ -442,8 +452,16 @@ class TraceStep:
         try:
             if not self._deterministic:
                 self.model.eval()
+            T = self.input_ids.shape[1]
             for s in range(0, len(rows), bs):
                 chunk = rows[s : s + bs]  # (r,)
+                # Only the positions that predict traced tokens need the LM head (HF's logits_to_keep).
+                keep = (self.t_idx[torch.cat([self._tokens_of_row[b] for b in chunk.tolist()])] - 1).unique()
+                column = torch.arange(T, device=keep.device)  # position -> column of the logits
+                if self._keeps_logits and len(keep) < T:
+                    column[keep] = torch.arange(len(keep), device=keep.device)
+                else:
+                    keep = None
                 kw = {
                     k: v[chunk]
                     if isinstance(v, torch.Tensor) and v.shape[:1] == self.input_ids.shape[:1]
@@ -452,13 +470,15 @@ class TraceStep:
                 }
                 if self.attention_mask is not None:
                     kw["attention_mask"] = self.attention_mask[chunk]
+                if keep is not None:
+                    kw["logits_to_keep"] = keep
                 ctx = torch.autocast(dev_type, dtype=dtype) if enabled else contextlib.nullcontext()
                 with ctx:
-                    logits = _logits_of(self.model(input_ids=self.input_ids[chunk], **kw))  # (r, T, V)
+                    logits = _logits_of(self.model(input_ids=self.input_ids[chunk], **kw))  # (r, T or K, V)
                 for i, b in enumerate(chunk.tolist()):
                     idx = self._tokens_of_row[b]
                     idx = idx[token_mask[idx]]
-                    yield idx, logits[i, self.t_idx[idx] - 1]
+                    yield idx, logits[i, column[self.t_idx[idx] - 1]]
         finally:
             self._in_own_forward = False
             self.model.train(was_training)
