@@ -38,28 +38,12 @@ from collections.abc import Callable
 import torch
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.registry import Registry
 
 AdvantageFn = Callable[[torch.Tensor, float], torch.Tensor]
-ADVANTAGES: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGES:
-            raise EntropyLabError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_advantage(name: str) -> AdvantageFn:
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        raise EntropyLabError(
-            f"unknown advantage estimator {name!r}; valid: {', '.join(ADVANTAGES)}"
-        ) from None
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+register_advantage = ADVANTAGES.register
+get_advantage = ADVANTAGES.__getitem__
 
 
 def _check_rewards(rewards: torch.Tensor) -> None:

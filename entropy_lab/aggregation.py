@@ -32,29 +32,13 @@ from collections.abc import Callable
 import torch
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.registry import Registry
 
 # (valid (B, T) bool, num_tokens, num_seqs, max_len) -> N (B, T)
 Normalizer = Callable[[torch.Tensor, float, float, float], torch.Tensor]
-AGG_MODES: dict[str, Normalizer] = {}
-
-
-def register_agg_mode(name: str) -> Callable[[Normalizer], Normalizer]:
-    def deco(fn: Normalizer) -> Normalizer:
-        if name in AGG_MODES:
-            raise EntropyLabError(f"aggregation mode {name!r} is already registered")
-        AGG_MODES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_agg_mode(name: str) -> Normalizer:
-    try:
-        return AGG_MODES[name]
-    except KeyError:
-        raise EntropyLabError(
-            f"unknown loss aggregation mode {name!r}; valid: {', '.join(AGG_MODES)}"
-        ) from None
+AGG_MODES: Registry[Normalizer] = Registry("loss aggregation mode")
+register_agg_mode = AGG_MODES.register
+get_agg_mode = AGG_MODES.__getitem__
 
 
 def _full(valid: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ from entropy_lab.aggregation import AGG_MODES
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import KL_ESTIMATORS, OBJECTIVES
+from entropy_lab.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -37,24 +38,17 @@ class Method:
     reference: str = ""
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(method: Method) -> Method:
-    if method.name in METHODS:
-        raise EntropyLabError(f"method {method.name!r} is already registered")
     unknown = sorted(set(method.defaults) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise EntropyLabError(f"method {method.name!r} sets unknown config key(s) {', '.join(unknown)}")
-    METHODS[method.name] = method
-    return method
+    return METHODS.add(method.name, method)
 
 
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise EntropyLabError(f"unknown method {name!r}; valid: {', '.join(METHODS)}") from None
+get_method = METHODS.__getitem__
 
 
 def _preset(objective: str = "ppo", advantage: str = "grpo", loss_agg: str = "token-mean", **params) -> dict:

@@ -66,6 +66,7 @@ from entropy_lab import steer
 from entropy_lab.aggregation import agg_loss
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.registry import Registry
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -150,7 +151,7 @@ class Objective:
         return self.requires(cfg)
 
 
-OBJECTIVES: dict[str, Objective] = {}
+OBJECTIVES: Registry[Objective] = Registry("objective")
 
 
 def register_objective(
@@ -178,34 +179,15 @@ def register_objective(
     return deco
 
 
-def get_objective(name: str) -> Objective:
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        raise EntropyLabError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}") from None
+get_objective = OBJECTIVES.__getitem__
 
 
 # --- KL estimators -------------------------------------------------------------------------
 
 KLEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-KL_ESTIMATORS: dict[str, KLEstimator] = {}
-
-
-def register_kl_estimator(name: str) -> Callable[[KLEstimator], KLEstimator]:
-    def deco(fn: KLEstimator) -> KLEstimator:
-        if name in KL_ESTIMATORS:
-            raise EntropyLabError(f"KL estimator {name!r} is already registered")
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_kl_estimator(name: str) -> KLEstimator:
-    try:
-        return KL_ESTIMATORS[name]
-    except KeyError:
-        raise EntropyLabError(f"unknown kl_estimator {name!r}; valid: {', '.join(KL_ESTIMATORS)}") from None
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl_estimator")
+register_kl_estimator = KL_ESTIMATORS.register
+get_kl_estimator = KL_ESTIMATORS.__getitem__
 
 
 @register_kl_estimator("k1")

@@ -46,6 +46,7 @@ import torch
 
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.registry import Registry
 from entropy_lab.theory import ESTIMATORS, TokenQuantities, get_estimator
 
 PROB_MIN = 1e-8
@@ -175,24 +176,9 @@ def magnitude_range(omega: torch.Tensor, valid: torch.Tensor, signed: bool = Fal
 # --- maps: m (n,), range, lambda_min, lambda_max -> lambda (n,) ------------------------------
 
 WeightMap = Callable[[torch.Tensor, MagnitudeRange, float, float], torch.Tensor]
-STEER_MAPS: dict[str, WeightMap] = {}
-
-
-def register_steer_map(name: str) -> Callable[[WeightMap], WeightMap]:
-    def deco(fn: WeightMap) -> WeightMap:
-        if name in STEER_MAPS:
-            raise EntropyLabError(f"STEER map {name!r} is already registered")
-        STEER_MAPS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_steer_map(name: str) -> WeightMap:
-    try:
-        return STEER_MAPS[name]
-    except KeyError:
-        raise EntropyLabError(f"unknown steer_map {name!r}; valid: {', '.join(STEER_MAPS)}") from None
+STEER_MAPS: Registry[WeightMap] = Registry("steer_map")
+register_steer_map = STEER_MAPS.register
+get_steer_map = STEER_MAPS.__getitem__
 
 
 @register_steer_map("exp")

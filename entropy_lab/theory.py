@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from entropy_lab.errors import EntropyLabError
+from entropy_lab.registry import Registry
 
 
 @dataclass
@@ -78,24 +78,9 @@ class TokenQuantities:
 
 
 Estimator = Callable[[TokenQuantities], torch.Tensor]
-ESTIMATORS: dict[str, Estimator] = {}
-
-
-def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
-    def deco(fn: Estimator) -> Estimator:
-        if name in ESTIMATORS:
-            raise EntropyLabError(f"estimator {name!r} is already registered")
-        ESTIMATORS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_estimator(name: str) -> Estimator:
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise EntropyLabError(f"unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}") from None
+ESTIMATORS: Registry[Estimator] = Registry("estimator")
+register_estimator = ESTIMATORS.register
+get_estimator = ESTIMATORS.__getitem__
 
 
 def column_name(estimator: str) -> str:

@@ -19,15 +19,16 @@ import re
 import numpy as np
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.tasks.base import Problem, Task, draw_split, is_held_out, register_task
+from entropy_lab.tasks.base import GeneratedTask, Problem, register_task
 
 _LEADING_INT = re.compile(r"\s*(-?\d{1,30})(?!\d)")
-_EVAL_SEED = 20_251_011
 
 
 @register_task("arithmetic")
-class ArithmeticTask(Task):
+class ArithmeticTask(GeneratedTask):
     """``a op b =`` with a, b in [min_operand, max_operand] and op drawn from ``ops``."""
+
+    eval_seed = 20_251_011  # fixed seed of the held-out list
 
     def __init__(
         self,
@@ -64,16 +65,6 @@ class ArithmeticTask(Task):
             a, b = b, a
         problem = self.make_problem(a, op, b)
         return problem.prompt, problem
-
-    def _held_out(self, key: str) -> bool:
-        return is_held_out(key, self.eval_fraction)
-
-    def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
-        return draw_split(self._draw_one, n, rng, self._held_out, want_held_out=False, unique=False)
-
-    def eval_problems(self, n: int) -> list[Problem]:
-        rng = np.random.default_rng(_EVAL_SEED)
-        return draw_split(self._draw_one, n, rng, self._held_out, want_held_out=True, unique=True)
 
     def reward(self, problem: Problem, completion: str) -> float:
         match = _LEADING_INT.match(completion[:64])

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Task(ABC):
         raise NotImplementedError(f"task {self.name!r} has no closed alphabet")
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task")
 """The registry: task name -> task class."""
 
 _T = TypeVar("_T", bound=type[Task])
@@ -77,14 +78,10 @@ def register_task(name: str) -> Callable[[_T], _T]:
     """Class decorator adding a ``Task`` subclass to ``TASKS`` under ``name``; refuses duplicates."""
 
     def decorate(cls: _T) -> _T:
-        if name in TASKS:
-            raise EntropyLabError(
-                f"Task name {name!r} is already registered (by {TASKS[name].__qualname__})."
-            )
         if not (isinstance(cls, type) and issubclass(cls, Task)):
             raise EntropyLabError(f"register_task({name!r}) needs a Task subclass, got {cls!r}.")
+        TASKS.add(name, cls)
         cls.name = name
-        TASKS[name] = cls
         return cls
 
     return decorate
@@ -92,10 +89,32 @@ def register_task(name: str) -> Callable[[_T], _T]:
 
 def get_task(name: str, **kwargs: Any) -> Task:
     """Instantiate the task registered as ``name`` with ``kwargs``."""
-    if name not in TASKS:
-        valid = ", ".join(sorted(TASKS)) or "(none)"
-        raise EntropyLabError(f"Unknown task {name!r}; valid tasks: {valid}.")
     return TASKS[name](**kwargs)
+
+
+class GeneratedTask(Task):
+    """A built-in task that draws problems from a generator, split into training and held-out
+    problems by a stable hash of each problem's key (``is_held_out``).
+
+    Subclasses set ``eval_fraction`` and ``eval_seed`` and implement ``_draw_one(rng) -> (key, Problem)``.
+    """
+
+    eval_fraction: float
+    eval_seed: int
+
+    @abstractmethod
+    def _draw_one(self, rng: np.random.Generator) -> tuple[str, Problem]:
+        """One random problem and the key that decides its split."""
+
+    def _held_out(self, key: str) -> bool:
+        return is_held_out(key, self.eval_fraction)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
+        return draw_split(self._draw_one, n, rng, self._held_out, want_held_out=False, unique=False)
+
+    def eval_problems(self, n: int) -> list[Problem]:
+        rng = np.random.default_rng(self.eval_seed)
+        return draw_split(self._draw_one, n, rng, self._held_out, want_held_out=True, unique=True)
 
 
 def is_held_out(key: str, fraction: float) -> bool:

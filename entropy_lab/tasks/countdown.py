@@ -41,12 +41,11 @@ from fractions import Fraction
 import numpy as np
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.tasks.base import Problem, Task, draw_split, is_held_out, register_task
+from entropy_lab.tasks.base import GeneratedTask, Problem, register_task
 
 _OPS = "+-*/"
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 _ATOM = 3  # precedence of a literal or parenthesised expression
-_EVAL_SEED = 20_251_010  # fixed seed of the held-out list
 
 
 def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
@@ -199,8 +198,10 @@ def solutions(numbers: tuple[int, ...], target: int) -> tuple[str, ...]:
 
 
 @register_task("countdown")
-class CountdownTask(Task):
+class CountdownTask(GeneratedTask):
     """Combine ``num_count`` numbers in [min_number, max_number] to reach an integer target."""
+
+    eval_seed = 20_251_010  # fixed seed of the held-out list
 
     def __init__(
         self,
@@ -267,16 +268,6 @@ class CountdownTask(Task):
         """The problem for these numbers (in this order) and target."""
         prompt = " ".join(str(x) for x in numbers) + f">{target}:"
         return Problem(prompt=prompt, answer=str(target), meta={"numbers": list(numbers), "target": target})
-
-    def _held_out(self, key: str) -> bool:
-        return is_held_out(key, self.eval_fraction)
-
-    def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
-        return draw_split(self._draw_one, n, rng, self._held_out, want_held_out=False, unique=False)
-
-    def eval_problems(self, n: int) -> list[Problem]:
-        rng = np.random.default_rng(_EVAL_SEED)
-        return draw_split(self._draw_one, n, rng, self._held_out, want_held_out=True, unique=True)
 
     # -- scoring
 

@@ -1,0 +1,41 @@
+"""One registry type for every kind of named thing (estimators, objectives, methods, tasks ...).
+
+A ``Registry`` is a dict of name -> entry that refuses duplicate names and answers an
+unknown name with one error listing the valid ones (verl's policy-loss registry style)::
+
+    OBJECTIVES = Registry("objective")
+    @OBJECTIVES.register("ppo")
+    def ppo(...): ...
+    OBJECTIVES["nope"]   # EntropyLabError: unknown objective 'nope'; valid: ppo
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from entropy_lab.errors import EntropyLabError
+
+T = TypeVar("T")
+
+
+class Registry(dict[str, T]):
+    """name -> entry for one kind of thing."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def add(self, name: str, entry: T) -> T:
+        """Register ``entry`` under ``name``; a name already taken is an error."""
+        if name in self:
+            raise EntropyLabError(f"{self.kind} {name!r} is already registered")
+        self[name] = entry
+        return entry
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator form of ``add``."""
+        return lambda entry: self.add(name, entry)
+
+    def __missing__(self, name: str):
+        raise EntropyLabError(f"unknown {self.kind} {name!r}; valid: {', '.join(self) or '(none)'}")
