@@ -20,6 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
+
 from entropy_lab.analyses.quadrants import QUADRANTS
 from entropy_lab.analyses.residuals import FACTORS
 from entropy_lab.analyses.tightness import (
@@ -29,11 +35,6 @@ from entropy_lab.analyses.tightness import (
     resolve_estimators,
     tightness_summary,
 )
-from matplotlib.axes import Axes
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
 
 from .style import (
     ALL,

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+
 from entropy_lab.analyses.compare import ENTROPY, REWARD, curves, label_runs, pass_at_k_columns, t_interval
 from entropy_lab.analyses.tightness import MEASURED
-from matplotlib.figure import Figure
 
 from .style import (
     BATCH,

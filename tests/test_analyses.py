@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
+
 from entropy_lab.analyses import (
     ESTIMATOR_COLUMNS,
     available_estimators,
@@ -24,8 +26,6 @@ from entropy_lab.analyses import (
     tightness_summary,
 )
 from entropy_lab.analyses.residuals import correlation_ratio, quantile_bins
-from scipy import stats
-
 from entropy_lab.errors import EntropyLabError
 
 

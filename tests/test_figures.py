@@ -6,6 +6,8 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
+
 from entropy_lab.analyses import (
     decomposition_summary,
     factor_variance_share,
@@ -25,7 +27,6 @@ from entropy_lab.figures import (
     tightness_over_steps,
     training_curves,
 )
-from matplotlib.figure import Figure
 
 LEVELS = ("token-level", "batch-level", "problem-level")
 
