@@ -42,6 +42,7 @@ math-verify, https://github.com/huggingface/Math-Verify.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
@@ -221,8 +222,23 @@ class _VerifyWorker:
                 self._proc = None
                 return False
 
+    def close(self) -> None:
+        """End the child (at interpreter exit): closing its stdin ends its read loop."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            if self._proc is not None and self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._proc = None
+
 
 _worker = _VerifyWorker()
+atexit.register(_worker.close)
 
 
 def math_reward(completion: str, ground_truth: str) -> float:
