@@ -238,7 +238,7 @@ class Trainer:
         rewards = rewards_of(self.task, problems, ro).to(self.device)  # (B,)
         return ro, rewards, problems
 
-    def _forward_stats(self, ro: Rollout, mb: torch.Tensor, with_grad_entropy: bool, need_collision: bool):
+    def _forward_stats(self, ro: Rollout, mb: torch.Tensor, need_entropy: bool, need_collision: bool):
         """Differentiable log-probs (and entropy) of rows ``mb``, aligned with input_ids: (b, T) each."""
         with self.autocast():
             logits = self.model(**ro.rows(mb)).logits  # (b, T, V)
@@ -246,7 +246,7 @@ class Trainer:
         pad = torch.zeros(len(mb), 1, device=ids.device)
         logprob = torch.cat([pad, gather_logprobs(logits[:, :-1], ids[:, 1:])], 1)  # (b, T)
         entropy = collision = None
-        if with_grad_entropy:
+        if need_entropy:
             entropy = torch.cat([pad, entropy_from_logits(logits[:, :-1])], 1)
         if need_collision:
             st = token_stats(logits[:, :-1].detach(), ids[:, 1:])
@@ -258,9 +258,7 @@ class Trainer:
     def update(self, step: int, ro: Rollout, adv_tok: torch.Tensor, old: dict, ref_lp, context) -> dict:
         """PPO epochs over mini-batches with micro-batch accumulation; traced when due."""
         cfg = self.cfg
-        need = required_inputs(cfg)
         B = ro.input_ids.shape[0]
-        mask = ro.response_mask.float()
         traced = cfg.trace_every > 0 and step % cfg.trace_every == 0
         sums: dict[str, list[float]] = defaultdict(list)
         records = []
@@ -271,7 +269,7 @@ class Trainer:
                 if cfg.mini_batches > 1
                 else torch.arange(B, device=self.device)
             )
-            for mb in order.chunk(cfg.mini_batches):
+            for mb in order.chunk(cfg.mini_batches):  # (b,) rows of one optimizer update
                 ctx = (
                     self.tracer.step(
                         ro.input_ids[mb],
@@ -288,54 +286,8 @@ class Trainer:
                 )
                 with ctx as trace:
                     self.optimizer.zero_grad(set_to_none=True)
-                    n_tok, n_seq = float(mask[mb].sum()), float(len(mb))
-                    micro = cfg.micro_batch_size or len(mb)
-                    for offset in range(0, len(mb), micro):
-                        rows = mb[offset : offset + micro]
-                        logprob, entropy, collision = self._forward_stats(
-                            ro,
-                            rows,
-                            "entropy" in need and cfg.entropy_coef > 0 or "entropy" in need,
-                            "collision" in need,
-                        )
-                        out = compute_loss(
-                            LossInputs(
-                                logprob=logprob,
-                                old_logprob=old["logprob"][rows],
-                                advantages=adv_tok[rows],
-                                mask=mask[rows],
-                                entropy=entropy,
-                                old_entropy=old["entropy"][rows],
-                                collision=collision,
-                                ref_logprob=None if ref_lp is None else ref_lp[rows],
-                                num_tokens=n_tok,
-                                num_seqs=n_seq,
-                                context=context,
-                                generator=self.loss_gen,
-                            ),
-                            cfg,
-                        )
-                        if not torch.isfinite(out.loss):
-                            raise EntropyLabError(self._nan_message(step, "loss"))
-                        out.loss.backward()
-                        if trace is not None:
-                            trace.annotate(
-                                rows=torch.arange(offset, offset + len(rows)),
-                                clip_indicator=out.clip_indicator,
-                                intervention_weight=out.intervention_weight,
-                                normalizer=out.normalizer,
-                                advantage=out.advantage,
-                            )
-                        for k, v in out.metrics.items():
-                            sums[k].append(v)
-                    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                    if not torch.isfinite(grad_norm):
-                        raise EntropyLabError(self._nan_message(step, "gradient"))
-                    sums["grad/norm"].append(float(grad_norm))
-                    sums["lr"].append(self.optimizer.param_groups[0]["lr"])
-                    self.optimizer.step()
-                    self.scheduler.step()
+                    self._accumulate(step, ro, mb, adv_tok, old, ref_lp, context, trace, sums)
+                    self._optimizer_step(step, sums)
                 if trace is not None:
                     records.append(trace.records)
                 update += 1
@@ -356,6 +308,61 @@ class Trainer:
             if "probability tensor contains" not in str(exc):
                 raise
             raise EntropyLabError(self._nan_message(step, "sampling probabilities (policy logits)")) from None
+
+    def _accumulate(self, step, ro: Rollout, mb, adv_tok, old: dict, ref_lp, context, trace, sums) -> None:
+        """Forward/backward over the micro-batches of mini-batch ``mb``, gradients summed."""
+        cfg = self.cfg
+        need = required_inputs(cfg)
+        mask = ro.response_mask.float()  # (B, T)
+        n_tok, n_seq = float(mask[mb].sum()), float(len(mb))  # the mini-batch's normalisers
+        micro = cfg.micro_batch_size or len(mb)
+        for offset in range(0, len(mb), micro):
+            rows = mb[offset : offset + micro]  # (m,)
+            logprob, entropy, collision = self._forward_stats(
+                ro, rows, "entropy" in need, "collision" in need
+            )
+            out = compute_loss(
+                LossInputs(
+                    logprob=logprob,
+                    old_logprob=old["logprob"][rows],
+                    advantages=adv_tok[rows],
+                    mask=mask[rows],
+                    entropy=entropy,
+                    old_entropy=old["entropy"][rows],
+                    collision=collision,
+                    ref_logprob=None if ref_lp is None else ref_lp[rows],
+                    num_tokens=n_tok,
+                    num_seqs=n_seq,
+                    context=context,
+                    generator=self.loss_gen,
+                ),
+                cfg,
+            )
+            if not torch.isfinite(out.loss):
+                raise EntropyLabError(self._nan_message(step, "loss"))
+            out.loss.backward()
+            if trace is not None:  # what the tracer cannot see from the logits alone
+                trace.annotate(
+                    rows=torch.arange(offset, offset + len(rows)),
+                    clip_indicator=out.clip_indicator,
+                    intervention_weight=out.intervention_weight,
+                    normalizer=out.normalizer,
+                    advantage=out.advantage,
+                )
+            for k, v in out.metrics.items():
+                sums[k].append(v)
+
+    def _optimizer_step(self, step: int, sums) -> None:
+        """Clip, check and apply the accumulated gradient."""
+        cfg = self.cfg
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not torch.isfinite(grad_norm):
+            raise EntropyLabError(self._nan_message(step, "gradient"))
+        sums["grad/norm"].append(float(grad_norm))
+        sums["lr"].append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
 
     def _nan_message(self, step: int, what: str) -> str:
         last = self.run.latest_checkpoint()
