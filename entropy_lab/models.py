@@ -151,8 +151,6 @@ def warm_start(
     ``info`` holds the measured sampled pass@1 and mean response-token entropy at the
     end, the number of SFT steps, and the cache directory.
     """
-    from entropy_lab.rollout import evaluate_sampled  # the rollout module imports this one
-
     tokenizer = build_char_tokenizer(task.alphabet())
     key_src = json.dumps(
         {
@@ -171,6 +169,23 @@ def warm_start(
         model, tok = load_policy(where)
         return model, tok, json.loads((where / "info.json").read_text())
 
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # leave the caller's RNG alone
+        model, info = _supervised_warm_start(task, tokenizer, spec, arch, progress)
+    info["cache_dir"] = str(where)
+    tmp = where.with_name(where.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(where, ignore_errors=True)
+    tmp.rename(where)
+    return model, tokenizer, info
+
+
+def _supervised_warm_start(task: Task, tokenizer, spec: WarmStartSpec, arch: TinyPolicySpec, progress):
+    """Train the tiny policy on demonstrations until sampled pass@1 >= spec.target_pass: (model, info)."""
+    from entropy_lab.rollout import evaluate_sampled  # the rollout module imports this one
+
     model = build_tiny_policy(tokenizer, arch, seed=spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     rng = np.random.default_rng(spec.seed)
@@ -185,18 +200,10 @@ def warm_start(
         loss.backward()
         opt.step()
         if progress is not None:
-            progress(step, spec.max_steps, float(loss))
+            progress(step, spec.max_steps, float(loss.detach()))
         if step % spec.check_every == 0 or step == spec.max_steps:
             stats = evaluate_sampled(model, tokenizer, task, probe, temperature=1.0, seed=spec.seed)
-            info = {"steps": step, "sft_loss": float(loss), **stats}
+            info = {"steps": step, "sft_loss": float(loss.detach()), **stats}
             if stats["pass@1"] >= spec.target_pass:
                 break
-    info["cache_dir"] = str(where)
-    tmp = where.with_name(where.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "info.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(where, ignore_errors=True)
-    tmp.rename(where)
-    return model, tokenizer, info
+    return model, info

@@ -114,12 +114,14 @@ class Trainer:
     def setup(self, create_run: bool = True) -> None:
         """Load task and policy, build optimizer and tracer; create (or restore) the run directory."""
         cfg = self.cfg
+        self.model, self.tokenizer, self.task, self.warm_info = self._load_policy_and_task()
+        # Seeded after the policy is in place, so a run does not depend on whether its warm
+        # start was trained now or read from the cache.
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.np_rng = np.random.default_rng(cfg.seed)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.loss_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
-        self.model, self.tokenizer, self.task, self.warm_info = self._load_policy_and_task()
         self.model.eval()  # no dropout anywhere: every forward is deterministic
         self.ref_model = None
         if "ref_logprob" in required_inputs(cfg):
