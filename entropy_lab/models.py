@@ -179,6 +179,8 @@ def warm_start(
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(where, ignore_errors=True)
     tmp.rename(where)
+    # Hand back the saved copy, loaded, so a fresh and a cached warm start are the same object.
+    model, tokenizer = load_policy(where)
     return model, tokenizer, info
 
 
