@@ -475,10 +475,13 @@ class TraceStep:
                 ctx = torch.autocast(dev_type, dtype=dtype) if enabled else contextlib.nullcontext()
                 with ctx:
                     logits = _logits_of(self.model(input_ids=self.input_ids[chunk], **kw))  # (r, T or K, V)
-                for i, b in enumerate(chunk.tolist()):
-                    idx = self._tokens_of_row[b]
-                    idx = idx[token_mask[idx]]
-                    yield idx, logits[i, column[self.t_idx[idx] - 1]]
+                # One gather for the whole forward: (k,) token indices and their (k, V) logits.
+                parts = [self._tokens_of_row[b] for b in chunk.tolist()]
+                local = torch.cat([torch.full_like(p, i) for i, p in enumerate(parts)])
+                idx = torch.cat(parts)
+                keep_tok = token_mask[idx]
+                idx, local = idx[keep_tok], local[keep_tok]
+                yield idx, logits[local, column[self.t_idx[idx] - 1]]
         finally:
             self._in_own_forward = False
             self.model.train(was_training)
@@ -487,10 +490,11 @@ class TraceStep:
         for idx, z in self._forward_traced_rows(token_mask):
             self._store_before(idx, z)
 
-    def _check_finite(self, z: torch.Tensor, what: str) -> None:
+    def _check_finite(self, z: torch.Tensor, what: str, token_idx: torch.Tensor | None = None) -> None:
+        """One error naming the first traced token whose logits ``z`` (rows = ``token_idx``) are bad."""
         bad = first_nonfinite(z)
         if bad is not None:
-            i = bad[0]
+            i = bad[0] if token_idx is None else int(token_idx[bad[0]])
             raise EntropyLabError(
                 f"{what} logits are NaN/+inf (or all -inf) at sample {int(self.b_idx[i])}, position {int(self.t_idx[i])}"
             )
@@ -535,7 +539,7 @@ class TraceStep:
         linear = torch.empty(n, dtype=torch.float64, device=z_b.device)
         unchanged = True
         for idx, z_a in self._forward_traced_rows(torch.ones(n, dtype=torch.bool, device=z_b.device)):
-            self._check_finite(z_a, "post-update")
+            self._check_finite(z_a, "post-update", idx)
             # One pass per chunk: entropy after, and the first-order change along dz = z_a - z_b
             # (-inf - -inf is NaN where a masked vocabulary stays masked: no change there).
             h_after, lin, changed = entropy_change_stats(z_b[idx], z_a, chunk_bytes=self.tracer.chunk_bytes)

@@ -255,3 +255,19 @@ def test_no_optimizer_step_warns():
             pass
     assert any("no optimizer step" in str(w.message) for w in caught)
     assert (step.records.delta_entropy == 0).all()
+
+
+def test_post_update_nan_names_the_right_token():
+    from entropy_lab.tabular import TabularPolicy
+
+    model = TabularPolicy(7, max_states=32, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4], [1, 5, 6, 2], [3, 3, 3, 3]])
+    resp = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]])
+    state = model.state_ids(ids)[1, 2]  # logits at (sample 1, position 2) predict position 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(EntropyLabError, match="post-update logits .* at sample 1, position 3"):
+        with EntropyTracer(model).step(ids, None, resp, advantages=torch.ones(3)):
+            model(input_ids=ids).logits.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                model.head.weight[state] = float("nan")  # the update broke one state
