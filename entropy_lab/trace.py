@@ -94,6 +94,14 @@ def has_active_dropout(model: nn.Module) -> bool:
     )
 
 
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]``, as a view (no copy) when ``idx`` is an ascending run of consecutive rows."""
+    n = len(idx)
+    if n and int(idx[-1]) - int(idx[0]) == n - 1 and (n == 1 or bool((idx.diff() == 1).all())):
+        return x[int(idx[0]) : int(idx[0]) + n]
+    return x[idx]
+
+
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether ``model.forward`` takes HF's ``logits_to_keep`` (positions whose logits to compute)."""
     try:
@@ -408,7 +416,7 @@ class TraceStep:
                 rows, at, tok = local_rows[s : s + step], pos[s : s + step], token_idx[s : s + step]
                 g = grad[rows, at]  # (c, V) dLoss/dz at the traced tokens
                 st = token_stats(
-                    self.z_before[tok],
+                    take_rows(self.z_before, tok),
                     self.targets[tok],
                     direction=g,
                     chunk_bytes=chunk_bytes,
@@ -542,7 +550,9 @@ class TraceStep:
             self._check_finite(z_a, "post-update", idx)
             # One pass per chunk: entropy after, and the first-order change along dz = z_a - z_b
             # (-inf - -inf is NaN where a masked vocabulary stays masked: no change there).
-            h_after, lin, changed = entropy_change_stats(z_b[idx], z_a, chunk_bytes=self.tracer.chunk_bytes)
+            h_after, lin, changed = entropy_change_stats(
+                take_rows(z_b, idx), z_a, chunk_bytes=self.tracer.chunk_bytes
+            )
             entropy_after[idx], linear[idx] = h_after.double(), lin.double()
             unchanged = unchanged and not changed
         if unchanged and self.n_optimizer_steps > 0:

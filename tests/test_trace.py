@@ -271,3 +271,14 @@ def test_post_update_nan_names_the_right_token():
             opt.step()
             with torch.no_grad():
                 model.head.weight[state] = float("nan")  # the update broke one state
+
+
+def test_take_rows_is_a_view_for_a_run_of_rows_and_a_copy_otherwise():
+    from entropy_lab.trace import take_rows
+
+    x = torch.arange(20.0).reshape(10, 2)
+    run = take_rows(x, torch.tensor([3, 4, 5]))
+    assert torch.equal(run, x[3:6]) and run.data_ptr() == x[3].data_ptr()
+    scattered = take_rows(x, torch.tensor([5, 3, 4]))
+    assert torch.equal(scattered, x[[5, 3, 4]]) and scattered.data_ptr() != x[5].data_ptr()
+    assert take_rows(x, torch.tensor([], dtype=torch.long)).shape == (0, 2)
