@@ -39,6 +39,25 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def train_args(model_dir, out):
+    """`entropy-lab train` on the tiny policy and the fast task, two steps."""
+    return [
+        "train",
+        "--method",
+        "grpo",
+        "--task",
+        "arithmetic",
+        "--model",
+        model_dir,
+        "--steps",
+        2,
+        *SETS,
+        "--out",
+        out,
+        "--quiet",
+    ]
+
+
 def assert_one_line_error(result, *fragments):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -56,21 +75,7 @@ def trained_run(tmp_path_factory, tiny_policy_dir):
 
     mp.setattr(ArithmeticTask, "reward", digit_reward)
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = invoke(
-        "train",
-        "--method",
-        "grpo",
-        "--task",
-        "arithmetic",
-        "--model",
-        tiny_policy_dir,
-        "--steps",
-        2,
-        *SETS,
-        "--out",
-        out,
-        "--quiet",
-    )
+    result = invoke(*train_args(tiny_policy_dir, out))
     mp.undo()
     assert result.exit_code == 0, result.output
     return out
@@ -92,19 +97,7 @@ def test_train_writes_a_run_and_refuses_to_overwrite(trained_run, tiny_policy_di
         "step_000001.parquet",
         "step_000002.parquet",
     ]
-    again = invoke(
-        "train",
-        "--task",
-        "arithmetic",
-        "--model",
-        tiny_policy_dir,
-        "--steps",
-        2,
-        *SETS,
-        "--out",
-        trained_run,
-        "--quiet",
-    )
+    again = invoke(*train_args(tiny_policy_dir, trained_run))
     assert_one_line_error(again, "already holds a run", "--overwrite")
 
 
