@@ -314,22 +314,15 @@ class TraceStep:
                     (self.n,), float("nan"), dtype=torch.float64, device=self.b_idx.device
                 )
             value = torch.as_tensor(value, device=buf.device).detach().double()
-            if value.dim() == 0:
-                buf.fill_(float(value)) if rows is None else None
-                if rows is not None:
-                    for b in torch.as_tensor(rows).tolist():
-                        if b in self._tokens_of_row:
-                            buf[self._tokens_of_row[b]] = float(value)
-                continue
-            row_list = list(range(value.shape[0])) if rows is None else torch.as_tensor(rows).tolist()
-            if (
-                value.dim() != 2
-                or value.shape[0] != len(row_list)
-                or value.shape[1] != self.input_ids.shape[1]
-            ):
+            row_list = (
+                list(range(self.input_ids.shape[0])) if rows is None else torch.as_tensor(rows).tolist()
+            )
+            if value.dim() == 0:  # one value for every token of those rows
+                value = value.expand(len(row_list), self.input_ids.shape[1])
+            if value.dim() != 2 or tuple(value.shape) != (len(row_list), self.input_ids.shape[1]):
                 raise EntropyLabError(
-                    f"annotation {key!r} must be (rows, T) = ({len(row_list)}, {self.input_ids.shape[1]}), "
-                    f"got {tuple(value.shape)}"
+                    f"annotation {key!r} must be (rows, T) = ({len(row_list)}, {self.input_ids.shape[1]}) "
+                    f"or a scalar, got {tuple(value.shape)}"
                 )
             for i, b in enumerate(row_list):
                 idx = self._tokens_of_row.get(b)

@@ -282,3 +282,25 @@ def test_take_rows_is_a_view_for_a_run_of_rows_and_a_copy_otherwise():
     scattered = take_rows(x, torch.tensor([5, 3, 4]))
     assert torch.equal(scattered, x[[5, 3, 4]]) and scattered.data_ptr() != x[5].data_ptr()
     assert take_rows(x, torch.tensor([], dtype=torch.long)).shape == (0, 2)
+
+
+def test_annotations_scalar_rows_and_shape_errors():
+    model = make_tiny_lm(seed=13)
+    ids, attn, resp, adv = batch(seed=13)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with EntropyTracer(model).step(ids, attn, resp, advantages=adv) as step:
+        pg_loss(model(input_ids=ids, attention_mask=attn).logits, ids, resp, adv, resp.sum()).backward()
+        opt.step()
+        step.annotate(intervention_weight=0.5)  # every row
+        step.annotate(rows=[1, 2], intervention_weight=0.25, clip_indicator=torch.zeros(2, T))
+        with pytest.raises(EntropyLabError, match="must be \\(rows, T\\)"):
+            step.annotate(rows=[1], normalizer=torch.ones(2, T))
+        with pytest.raises(EntropyLabError, match="unknown annotation"):
+            step.annotate(weight=1.0)
+    df = step.records
+    rows12 = df["sample"].isin([1, 2])
+    assert (df.loc[rows12, "intervention_weight"] == 0.25).all() and (
+        df.loc[~rows12, "intervention_weight"] == 0.5
+    ).all()
+    assert (df.loc[rows12, "clip_indicator"] == 0).all() and (df.loc[~rows12, "clip_indicator"] == 1).all()
+    assert (df.loc[rows12, "weight"] == 0).all()
