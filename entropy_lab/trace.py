@@ -524,14 +524,14 @@ class TraceStep:
     # --- results -----------------------------------------------------------------------
     def _finish(self) -> None:
         if self.n_optimizer_steps == 0:
-            warnings.warn("no optimizer step ran inside the traced block: deltas are zero", stacklevel=3)
+            warnings.warn("no optimizer step ran inside the traced block: deltas are zero", stacklevel=4)
             if not bool(self.have_before.all()):
                 self._fill_before(~self.have_before)
         elif self.n_optimizer_steps > 1:
             warnings.warn(
                 f"{self.n_optimizer_steps} optimizer steps ran inside one traced block; "
                 "the records cover their sum",
-                stacklevel=3,
+                stacklevel=4,
             )
         pre = self._pre_stats or self._before_stats()
         z_b = self.z_before
@@ -552,7 +552,7 @@ class TraceStep:
             warnings.warn(
                 "the optimizer step left every traced logit unchanged (all advantages zero?): "
                 "records hold zero deltas",
-                stacklevel=3,
+                stacklevel=4,
             )
         self.records = self._build_records(pre, entropy_after, linear)
 
