@@ -105,7 +105,7 @@ class TrainConfig:
     steer_lambda_max: float = 1.2
     """STEER: largest weight of the linear map."""
     steer_estimator: str = "paper"
-    """STEER: which estimator gives |omega| (any name in ``entropy_lab.theory.ESTIMATORS``)."""
+    """STEER: which estimator gives |omega| (any name in ``entropy_lab.theory.ESTIMATORS`` but logit-grad, which needs the gradient it would weight)."""
     steer_norm: str = "call"
     """STEER: normalise the map over one loss call (as released) or over the whole rollout batch."""
     steer_signed: bool = False
