@@ -154,7 +154,9 @@ def warm_start(
     tokenizer = build_char_tokenizer(task.alphabet())
     key_src = json.dumps(
         {
-            "task": task.describe() if hasattr(task, "describe") else task.name,
+            "task": task.name,
+            # the generator's settings (number ranges, operators ...): a changed task retrains
+            "task_settings": {k: v for k, v in vars(task).items() if isinstance(v, (int, float, str, bool))},
             "alphabet": task.alphabet(),
             "spec": asdict(spec),
             "arch": asdict(arch),
