@@ -44,10 +44,12 @@ class TrainConfig:
     """Maximum response length in tokens."""
 
     # --- optimisation -------------------------------------------------------
+    optimizer: str = "adamw"
+    """adamw, or sgd: the plain step the first-order estimators model (then raise lr a lot)."""
     lr: float = 1e-3
-    """AdamW learning rate (sized for the tiny default policy; use ~1e-6 for real 0.5B+ models)."""
+    """Learning rate (sized for AdamW on the tiny default policy; use ~1e-6 for real 0.5B+ models)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up, in optimizer updates."""
     grad_clip: float = 1.0

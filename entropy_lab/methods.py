@@ -25,6 +25,7 @@ from entropy_lab.aggregation import AGG_MODES
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import KL_ESTIMATORS, OBJECTIVES
+from entropy_lab.optim import OPTIMIZERS
 from entropy_lab.registry import Registry
 
 
@@ -156,6 +157,7 @@ for _m in (
 
 def _choices() -> dict[str, list[str]]:
     return {
+        "optimizer": list(OPTIMIZERS),
         "objective": list(OBJECTIVES),
         "advantage": list(ADVANTAGES),
         "loss_agg": list(AGG_MODES),

@@ -34,6 +34,7 @@ from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.models import check_tokenizer_matches, load_policy, warm_start
 from entropy_lab.objectives import LossInputs, compute_loss, prepare_context, required_inputs
+from entropy_lab.optim import build_optimizer
 from entropy_lab.records import save_records
 from entropy_lab.rollout import Rollout, evaluate, mean_response_entropy, response_stats, rewards_of, sample
 from entropy_lab.runs import RunDir
@@ -127,7 +128,7 @@ class Trainer:
         if "ref_logprob" in required_inputs(cfg):
             self.ref_model = load_policy(cfg.model, self.device)[0] if cfg.model else self._copy_policy()
             self.ref_model.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg)
         warm = max(cfg.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm else 1.0

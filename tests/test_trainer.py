@@ -348,3 +348,18 @@ def test_trace_matches_recomputation_from_saved_weights(
     assert (df["normalizer"] == len(df)).all()
     np.testing.assert_allclose(df["ratio"], 1.0, atol=1e-6)
     assert math.isclose(float(df["lr"].iloc[0]), cfg.lr)
+
+
+def test_optimizer_by_name(tmp_path, tiny_policy_dir, dense_reward):
+    """optimizer=sgd takes exactly the step -lr * grad that the estimators model."""
+    cfg = small_config("grpo", tiny_policy_dir, optimizer="sgd", lr=0.5, steps=1, grad_clip=0.0)
+    trainer = Trainer(cfg, tmp_path / "sgd")
+    trainer.setup()
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    p = next(trainer.model.parameters())
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    trainer.optimizer.step()
+    torch.testing.assert_close(p.detach(), before - 0.5)
+    with pytest.raises(EntropyLabError, match="'optimizer' got 'adam'; valid: adamw, sgd"):
+        resolve_config("grpo", {"optimizer": "adam"})
