@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
+from entropy_lab.analyses import run_summary
 from entropy_lab.cli.common import SetOption, console, fmt, friendly_errors, quiet_transformers
 from entropy_lab.cli.progress import TrainProgress
 from entropy_lab.config import parse_overrides
@@ -47,17 +47,6 @@ def default_out(cfg) -> Path:
     return Path("runs") / name
 
 
-def summarise(metrics: pd.DataFrame) -> dict:
-    """Start (first step) and final (mean of the last 10% of steps) entropy and reward."""
-    tail = max(1, len(metrics) // 10)
-    return {
-        "entropy_start": metrics["entropy/mean"].iloc[0],
-        "entropy_final": metrics["entropy/mean"].iloc[-tail:].mean(),
-        "reward_start": metrics["reward/mean"].iloc[0],
-        "reward_final": metrics["reward/mean"].iloc[-tail:].mean(),
-    }
-
-
 def run_training(
     cfg, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
 ) -> Path:
@@ -66,10 +55,10 @@ def run_training(
     quiet_transformers()
     with TrainProgress(out.name, quiet=quiet) as progress:
         metrics = Trainer(cfg, out, resume=resume, overwrite=overwrite, callback=progress).train()
-    s = summarise(metrics)
+    s = run_summary(metrics).iloc[0]  # start = first step, final = mean of the last 10% of steps
     console.print(
-        f"[bold]{out}[/]: entropy {fmt(s['entropy_start'], 3)} -> {fmt(s['entropy_final'], 3)} nats, "
-        f"reward {fmt(s['reward_start'], 3)} -> {fmt(s['reward_final'], 3)} (first step -> mean of last 10%)"
+        f"[bold]{out}[/]: entropy {fmt(s['initial_entropy'], 3)} -> {fmt(s['final_entropy'], 3)} nats, "
+        f"reward {fmt(s['initial_reward'], 3)} -> {fmt(s['final_reward'], 3)} (first step -> mean of last 10%)"
     )
     return out
 

@@ -58,7 +58,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.records import COLUMNS, save_records
+from entropy_lab.records import COLUMNS, INT_COLUMNS, save_records
 from entropy_lab.stats import (
     TokenStats,
     entropy_change_stats,
@@ -608,7 +608,7 @@ class TraceStep:
         }
         cols.update({column_name(name): omega for name, omega in omegas.items()})
         df = pd.DataFrame({k: cols[k].detach().cpu().numpy() for k in COLUMNS})
-        return df.astype({k: "int64" for k in ("step", "update", "sample", "position", "token_id")})
+        return df.astype({k: "int64" for k in INT_COLUMNS})
 
     def save(self, path) -> None:
         """Write ``records`` to Parquet with the tracer's config in the metadata."""

@@ -32,7 +32,7 @@ import torch
 from entropy_lab.advantages import advantages_for_config, mean_token_logprob
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.models import check_tokenizer_matches, load_policy, warm_start
+from entropy_lab.models import load_policy, warm_start
 from entropy_lab.objectives import LossInputs, compute_loss, prepare_context, required_inputs
 from entropy_lab.optim import build_optimizer
 from entropy_lab.records import save_records
@@ -214,8 +214,7 @@ class Trainer:
             raise EntropyLabError(
                 f"cannot resume {self.run.path}: its configuration differs in {', '.join(diff)}"
             )
-        model, tokenizer = load_policy(path / "model", self.device)
-        check_tokenizer_matches(model, tokenizer, str(path / "model"))
+        model, _ = load_policy(path / "model", self.device)  # checks its tokenizer against the model
         self.model.load_state_dict(model.state_dict())
         self.load_trainer_state(path)
         self.run.truncate_after(step)
