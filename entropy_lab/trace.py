@@ -501,7 +501,7 @@ class TraceStep:
             )
 
     def _store_pre(self, token_idx: torch.Tensor, st) -> None:
-        for key in ("entropy", "logprob", "collision"):
+        for key in ("entropy", "logprob", "collision", "logsumexp"):
             value = getattr(st, key)
             if key not in self._pre_parts:
                 self._pre_parts[key] = torch.empty(self.n, dtype=value.dtype, device=value.device)
@@ -543,8 +543,13 @@ class TraceStep:
             self._check_finite(z_a, "post-update", idx)
             # One pass per chunk: entropy after, and the first-order change along dz = z_a - z_b
             # (-inf - -inf is NaN where a masked vocabulary stays masked: no change there).
+            # The pre-update pass's log-sum-exp and entropy spare a log-softmax of z_b here.
             h_after, lin, changed = entropy_change_stats(
-                take_rows(z_b, idx), z_a, chunk_bytes=self.tracer.chunk_bytes
+                take_rows(z_b, idx),
+                z_a,
+                before_logsumexp=take_rows(pre.logsumexp, idx),
+                before_entropy=take_rows(pre.entropy, idx),
+                chunk_bytes=self.tracer.chunk_bytes,
             )
             entropy_after[idx], linear[idx] = h_after.double(), lin.double()
             unchanged = unchanged and not changed
