@@ -282,6 +282,7 @@ class Trainer:
                         step=step,
                         update=update,
                         forward_kwargs={"position_ids": ro.position_ids[mb]},
+                        optimizer=self.optimizer,
                     )
                     if traced
                     else contextlib.nullcontext()
