@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.records import predicted_column
 from entropy_lab.registry import Registry
 
 
@@ -94,9 +95,8 @@ Estimator = Callable[[TokenQuantities], torch.Tensor]
 """Maps the quantities of n tokens to omega, (n,)."""
 
 
-def column_name(estimator: str) -> str:
-    """Trace column of an estimator: 'sampled-logit' -> 'omega_sampled_logit'."""
-    return "omega_" + estimator.replace("-", "_")
+column_name = predicted_column
+"""Trace column of an estimator: 'sampled-logit' -> 'omega_sampled_logit' (the record contract's rule)."""
 
 
 @dataclass(frozen=True)
