@@ -90,7 +90,8 @@ def _check_weights(trainer, out):
     for f in files:
         df, meta = load_records(f)
         step = int(df["step"].iloc[0])
-        expected = df.apply(lambda r: trainer.neg_grads[(step, int(r["sample"]), int(r["position"]))], axis=1)
+        keys = zip(df["sample"].astype(int), df["position"].astype(int), strict=True)
+        expected = pd.Series([trainer.neg_grads[(step, s, p)] for s, p in keys], index=df.index)
         scale = float(expected.abs().max())
         assert scale > 0
         diff = float((df["weight"] - expected).abs().max())
