@@ -163,7 +163,7 @@ class _Window:
             if not all(have_old):
                 raise EntropyLabError("TRL gave old log-probs for some micro-batches of a step only")
             old = torch.cat([self.per_position(r[5], r[3], 0.0) for r in rows])  # (B, W)
-        self.input_ids = input_ids
+        self.input_ids, self.attention_mask = input_ids, attention  # (B, W) each
         self._stack = contextlib.ExitStack()
         self.traced = self._stack.enter_context(
             trainer._tracer.step(
