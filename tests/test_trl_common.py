@@ -50,7 +50,7 @@ def grpo_args(out: Path, **overrides):
     kw = dict(
         output_dir=str(out), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
         max_steps=2, learning_rate=5e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        seed=0, disable_tqdm=True, optim="sgd", temperature=1.0,
+        seed=0, disable_tqdm=True, optim="sgd", temperature=1.0, bf16=False,  # fp32 (TRL defaults to bf16)
     )  # fmt: skip
     kw.update(overrides)
     return GRPOConfig(**kw)
