@@ -161,16 +161,34 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_policy_dir, 
 # --- refusals --------------------------------------------------------------------------------
 
 
-def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, tiny_policy_dir, isolated_cache):
-    cfg = small_config("grpo", tiny_policy_dir, steps=2)
+def test_resume_before_the_first_checkpoint_starts_over(
+    tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+):
+    cfg = small_config("grpo", tiny_policy_dir, steps=2, checkpoint_every=0)
+    Trainer(cfg, tmp_path / "full").train()
     out = tmp_path / "run"
-    RunDir(out).create(cfg)  # a run that died before its first checkpoint
-    with pytest.raises(EntropyLabError) as err:
-        Trainer(cfg, out, resume=True).train()
-    message = str(err.value)
-    assert "checkpoint" in message and "\n" not in message
-    assert RunDir(out).read_config()["config"] == cfg.to_dict()
-    assert not RunDir(out).metrics_path.exists()
+    with pytest.raises(Crash):  # died after step 1, before its first checkpoint
+        Trainer(cfg, out, callback=crash_after(1)).train()
+    assert RunDir(out).read_metrics()["step"].tolist() == [1] and RunDir(out).checkpoints() == {}
+    Trainer(cfg, out, resume=True).train()
+    pd.testing.assert_frame_equal(
+        without_time(RunDir(out).read_metrics()),
+        without_time(RunDir(tmp_path / "full").read_metrics()),
+        check_exact=True,
+    )
+    pd.testing.assert_frame_equal(RunDir(out).read_eval(), RunDir(tmp_path / "full").read_eval())
+
+
+def test_resume_where_there_is_no_run_is_one_clear_error(tmp_path, tiny_policy_dir, isolated_cache):
+    cfg = small_config("grpo", tiny_policy_dir, steps=2)
+    for out in (tmp_path / "missing", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(EntropyLabError) as err:
+            Trainer(cfg, out, resume=True).train()
+        message = str(err.value)
+        assert "no run to resume" in message and "without --resume" in message and "\n" not in message
+    assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
 
 
 def test_resume_with_a_changed_config_names_the_key(tmp_path, tiny_policy_dir, isolated_cache):
@@ -197,6 +215,86 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_policy_dir, iso
     pd.testing.assert_frame_equal(returned, metrics, check_dtype=False)
     pd.testing.assert_frame_equal(run.read_eval(), evals)
     assert {f.name: f.read_bytes() for f in run.trace_files()} == traces
+
+
+# --- unsafe and damaged checkpoints --------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs ``exec`` (what a crafted trainer_state.pt in a shared run would do)."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.sentinel)!r}, 'w').write('pwned')",))
+
+
+def plant_payload(ckpt: Path, sentinel: Path) -> None:
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    state["rng"]["python"] = Payload(sentinel)
+    torch.save(state, ckpt / "trainer_state.pt")
+    (ckpt / "checkpoint.json").unlink()  # an attacker controls the manifest too
+
+
+def test_a_malicious_checkpoint_runs_nothing(tmp_path, tiny_policy_dir, isolated_cache):
+    from typer.testing import CliRunner
+
+    from entropy_lab.cli.app import app
+
+    cfg = small_config("grpo", tiny_policy_dir, steps=2, eval_every=0)
+    out = tmp_path / "run"
+    Trainer(cfg, out).train()
+    sentinel = tmp_path / "pwned"
+    ckpt = RunDir(out).checkpoint_path(2)
+    plant_payload(ckpt, sentinel)
+    torch.load(ckpt / "trainer_state.pt", weights_only=False)  # the payload works when unpickled unsafely
+    assert sentinel.read_text() == "pwned"
+    sentinel.unlink()
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(EntropyLabError) as err:
+        Trainer(cfg.replace(steps=3), out, resume=True).train()
+    assert "refusing to load" in str(err.value) and "exec" in str(err.value)
+    result = CliRunner().invoke(app, ["trace", "--run", str(ckpt)])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "refusing to load" in lines[0], result.stderr
+    assert not sentinel.exists()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
+    tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+):
+    cfg = small_config("grpo", tiny_policy_dir, steps=4, checkpoint_every=1, eval_every=2)
+    Trainer(cfg, tmp_path / "full").train()
+    with pytest.raises(Crash):
+        Trainer(cfg, tmp_path / "run", callback=crash_after(3)).train()
+    run = RunDir(tmp_path / "run")
+    weights = run.checkpoint_path(3) / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk outside our control
+    with pytest.warns(UserWarning, match="model.safetensors is damaged"):
+        Trainer(cfg, run.path, resume=True).train()
+    pd.testing.assert_frame_equal(
+        without_time(run.read_metrics()),
+        without_time(RunDir(tmp_path / "full").read_metrics()),
+        check_exact=True,
+    )
+    assert sorted(run.checkpoints()) == [1, 2, 3, 4]
+
+
+def test_no_usable_checkpoint_names_the_files_to_remove(tmp_path, tiny_policy_dir, isolated_cache):
+    cfg = small_config("grpo", tiny_policy_dir, steps=2, checkpoint_every=1, eval_every=0)
+    Trainer(cfg, tmp_path / "run").train()
+    run = RunDir(tmp_path / "run")
+    for step in (1, 2):
+        (run.checkpoint_path(step) / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(EntropyLabError) as err:
+        Trainer(cfg.replace(steps=3), run.path, resume=True).train()
+    message = str(err.value)
+    assert "step_000001" in message and "step_000002" in message and "remove" in message
+    assert run.read_metrics()["step"].tolist() == [1, 2]
 
 
 # --- in-process resume after a crash, for methods that draw random numbers in the loss -------
