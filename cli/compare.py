@@ -9,6 +9,7 @@ import typer
 
 from entropy_lab.cli.common import SetOption, console, friendly_errors, print_table
 from entropy_lab.cli.train import build_config, run_training
+from entropy_lab.config import parse_overrides
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir
 
@@ -53,7 +54,9 @@ def ensure_run(cfg, out: Path, quiet: bool) -> RunDir:
 @friendly_errors
 def compare(
     methods: Annotated[list[str], typer.Argument(help="Method presets to compare, e.g. grpo steer.")],
-    seeds: Annotated[int, typer.Option(help="Seeds per method (0..K-1).")] = 1,
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per method: S, S+1, ..., S+K-1 with S from --set seed=S (default 0).")
+    ] = 1,
     steps: Annotated[int | None, typer.Option(help="RL steps per run.")] = None,
     task: Annotated[str | None, typer.Option(help="Built-in task.")] = None,
     dataset: Annotated[Path | None, typer.Option(help="verl-format Parquet file (needs --model).")] = None,
@@ -68,9 +71,16 @@ def compare(
     from entropy_lab.report import compare_report, run_report
 
     if seeds < 1:
-        raise EntropyLabError("--seeds must be at least 1")
+        raise EntropyLabError(f"--seeds must be at least 1, got {seeds}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise EntropyLabError(f"method(s) {', '.join(repeated)} named more than once; name each method once")
+    # --set seed=S is the first seed: the runs use S, S+1, ..., S+K-1, all distinct
+    first = parse_overrides(sets or []).get("seed", 0)
+    rest = [p for p in (sets or []) if p.split("=", 1)[0].strip() != "seed"]
     configs = {
-        m: [build_config(m, task, dataset, model, steps, s, sets) for s in range(seeds)] for m in methods
+        m: [build_config(m, task, dataset, model, steps, first + i, rest) for i in range(seeds)]
+        for m in methods
     }
     runs: dict[str, list[RunDir]] = {}
     for m, cfgs in configs.items():
