@@ -21,6 +21,7 @@ import hashlib
 import json
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -143,9 +144,9 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def _unsafe_reason(exc: Exception) -> str:
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return line.strip().rstrip(".")[:160]
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return f"it holds the Python object {found.group(1)}, not only tensors and plain data"
     return "it holds objects other than tensors and plain data"
 
 
@@ -158,7 +159,7 @@ def load_trainer_state(path: Path) -> dict:
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(
-                f"refusing to load {file}: {_unsafe_reason(exc)}, and unpickling that could run code; "
+                f"refusing to load {file}: {_unsafe_reason(exc)}, and unpickling it could run code; "
                 f"delete {path} unless you trust whoever wrote it"
             ) from None
         raise CheckpointError(

@@ -337,7 +337,10 @@ def parse_value(key: str, text: str):
             raise ValueError(text)
         return base(text)
     except ValueError:
-        raise EntropyLabError(f"config key {key!r} expects {base.__name__}, got {text!r}") from None
+        example = _example(next(f for f in fields(TrainConfig) if f.name == key))
+        raise EntropyLabError(
+            f"config key {key!r} expects {base.__name__}, got {text!r}; pass e.g. --set {key}={example}"
+        ) from None
 
 
 def parse_overrides(pairs: list[str]) -> dict:

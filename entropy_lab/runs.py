@@ -245,9 +245,9 @@ class RunDir:
         try:
             return pd.read_parquet(path)
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            why = "not a complete Parquet file" if "Parquet" in str(exc) else str(exc).splitlines()[0][:120]
             raise EntropyLabError(
-                f"{path} is unreadable ({str(exc).splitlines()[0][:120]}); the run's history there is lost: "
-                "start the run over with --overwrite"
+                f"{path} is unreadable ({why}); the run's history there is lost: start the run over with --overwrite"
             ) from None
 
     def read_metrics(self) -> pd.DataFrame:
