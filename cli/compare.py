@@ -51,6 +51,13 @@ def ensure_run(cfg, out: Path, quiet: bool) -> RunDir:
     return rd
 
 
+def seed_configs(method: str, seeds: int, task, dataset, model, steps, sets: list[str] | None) -> list:
+    """K configs of ``method`` with distinct seeds S, S+1, ..., S+K-1 (S from ``--set seed=S``, else 0)."""
+    first = parse_overrides(sets or []).get("seed", 0)
+    rest = [p for p in (sets or []) if p.split("=", 1)[0].strip() != "seed"]
+    return [build_config(method, task, dataset, model, steps, first + i, rest) for i in range(seeds)]
+
+
 @friendly_errors
 def compare(
     methods: Annotated[list[str], typer.Argument(help="Method presets to compare, e.g. grpo steer.")],
@@ -75,13 +82,7 @@ def compare(
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise EntropyLabError(f"method(s) {', '.join(repeated)} named more than once; name each method once")
-    # --set seed=S is the first seed: the runs use S, S+1, ..., S+K-1, all distinct
-    first = parse_overrides(sets or []).get("seed", 0)
-    rest = [p for p in (sets or []) if p.split("=", 1)[0].strip() != "seed"]
-    configs = {
-        m: [build_config(m, task, dataset, model, steps, first + i, rest) for i in range(seeds)]
-        for m in methods
-    }
+    configs = {m: seed_configs(m, seeds, task, dataset, model, steps, sets) for m in methods}
     runs: dict[str, list[RunDir]] = {}
     for m, cfgs in configs.items():
         runs[m] = [ensure_run(cfg, out / f"{m}-s{cfg.seed}", quiet) for cfg in cfgs]
