@@ -19,7 +19,6 @@ import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
@@ -55,6 +54,16 @@ def colors(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:
     unique = sorted({str(label) for label in labels})
     palette = sns.color_palette(PALETTE, n_colors=10)
     return {label: tuple(palette[i % len(palette)]) for i, label in enumerate(unique)}
+
+
+def extend_colors(
+    palette: dict[str, tuple[float, float, float]], labels: Iterable[str]
+) -> dict[str, tuple[float, float, float]]:
+    """``palette`` plus a colour for each new label (sorted), taking the palette slots after the existing ones."""
+    base = sns.color_palette(PALETTE, n_colors=10)
+    new = sorted({str(label) for label in labels} - set(palette))
+    extra = {label: tuple(base[(len(palette) + i) % len(base)]) for i, label in enumerate(new)}
+    return {**palette, **extra}
 
 
 def series_labels(frame: pd.DataFrame) -> pd.Series:
@@ -104,9 +113,3 @@ def compact_ticks(ax: Axes, which: str = "y") -> None:
     for axis in axes:
         axis.set_major_locator(MaxNLocator(5))
         axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:.2g}"))
-
-
-def finite(values: Iterable[float] | np.ndarray | pd.Series) -> np.ndarray:
-    """Values as a float array with NaN and infinities removed."""
-    array = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    return array[np.isfinite(array)]
