@@ -59,9 +59,9 @@ TIGHTNESS_VIEW = [
 SHARE_VIEW = ["factor", "column", "n", "bins", "share"]
 QUADRANT_VIEW = [
     "quadrant", "theory", "count", "share", "mean_predicted", "mean_measured", "sign_agreement",
-    "theory_agreement",
+    "theory_agreement", "softmax_disagreement",
 ]  # fmt: skip
-DECOMPOSITION_VIEW = ["part", "n", "sum", "sum_abs", "share"]
+DECOMPOSITION_VIEW = ["part", "split", "n", "sum", "share", "sum_calibrated", "share_calibrated", "gain"]
 COMPARE_TIGHTNESS_VIEW = [
     "method", "estimator", "n", "pearson", "sign_agreement", "gain", "r2", "noise_floor",
 ]  # fmt: skip
@@ -400,7 +400,8 @@ def _trace_sections(
         "## Quadrants: sign(A) × sign(l_a)",
         "",
         f"First-order theory: ΔH falls for (A>0, l>0) and (A<0, l<0), rises otherwise. Predicted: `{estimator}`, "
-        "raw. Agreement columns count tokens above the noise floor.",
+        "raw. Agreement columns count tokens above the noise floor; softmax_disagreement: share of tokens where "
+        "the rule's sign -sign(A l_a) differs from the `softmax` estimator's (l_a > 0 and π_a l_a < C).",
         "",
         markdown_table(tables["quadrants"], QUADRANT_VIEW),
         "",
@@ -408,8 +409,9 @@ def _trace_sections(
         "",
         "## Decomposition",
         "",
-        f"ΔH = ω (`{base}`) + coupling + curvature per token; omission = ω - ω_paper. "
-        "Share = Σ|part| / Σ|ΔH| (parts of opposite sign cancel, so shares need not add to 1).",
+        f"ΔH = ω (`{base}`) + coupling + [nonlinearity, with an `omega_jvp` column] + curvature per token; "
+        "omission = ω - ω_paper. Share = Σ|part| / Σ|ΔH| (parts of opposite sign cancel, so shares need "
+        "not add to 1); calibrated: each ω scaled by its per-update least-squares gain (median in `gain`).",
         "",
         markdown_table(tables["decomposition"], DECOMPOSITION_VIEW),
         "",
