@@ -42,6 +42,7 @@ PART_RANK = {MEASURED: 0, JVP: 2, "coupling": 3, "nonlinearity": 4, "curvature":
 TOKENS_LABEL = axis_label("tokens per update", "count, log scale", "batch-level")
 STUDY_METRICS = {
     "pearson": axis_label("Pearson r of ω with ΔH", "unitless", TOKEN),
+    "spearman": axis_label("Spearman ρ of ω with ΔH", "unitless", TOKEN),
     "gain": axis_label("gain g = Σ ΔH ω / Σ ω²", "ratio, symlog", TOKEN),
 }
 
@@ -114,32 +115,38 @@ def decomposition_bar(summary: pd.DataFrame) -> Figure:
     return fig
 
 
-def coupling_study_figure(table: pd.DataFrame, estimators: Sequence[str] | None = None) -> Figure:
-    """Tightness of each estimator against tokens per update: Pearson (top) and gain (bottom).
+def coupling_study_figure(
+    table: pd.DataFrame,
+    estimators: Sequence[str] | None = None,
+    metrics: Sequence[str] = ("pearson", "spearman", "gain"),
+) -> Figure:
+    """Tightness of each estimator against tokens per update, one row of panels per statistic.
 
     Args:
         table: the coupling study's table: ``optimizer``, ``lr``, ``tokens_per_update``,
-            ``estimator``, ``pearson``, ``gain``.
+            ``estimator`` and the ``metrics`` columns.
         estimators: estimators to draw; None = every one in the table.
+        metrics: statistics to plot (keys of ``STUDY_METRICS``); Spearman shows the pattern
+            without the heavy tails that dominate Pearson.
 
     Returns:
-        A Figure with two rows (Pearson, gain) and one column per optimizer, one colour per
+        A Figure with one row per statistic and one column per optimizer, one colour per
         estimator (legend outside the panels) and one line style per learning rate (legend in
-        each Pearson panel).
+        the first statistic's panels).
     """
-    needed = {"optimizer", "lr", "tokens_per_update", "estimator", "pearson", "gain"}
+    needed = {"optimizer", "lr", "tokens_per_update", "estimator", *metrics}
     usable = len(table) > 0 and needed <= set(table.columns)
     optimizers = list(dict.fromkeys(table["optimizer"])) if usable else ["optimizer"]
     with styled():
-        fig, axes = new_figure(2 * len(optimizers), ncols=len(optimizers), panel_size=(4.0, 3.0))
+        fig, axes = new_figure(len(metrics) * len(optimizers), ncols=len(optimizers), panel_size=(4.0, 2.8))
         grid = {
             (m, o): axes[i * len(optimizers) + j]
-            for i, m in enumerate(STUDY_METRICS)
+            for i, m in enumerate(metrics)
             for j, o in enumerate(optimizers)
         }
         for (metric, optimizer), ax in grid.items():
             ax.set_xlabel(TOKENS_LABEL)
-            ax.set_ylabel(STUDY_METRICS[metric])
+            ax.set_ylabel(STUDY_METRICS.get(metric, axis_label(metric, "unitless", TOKEN)))
             ax.set_title(f"{optimizer}: {metric}")
         if not usable:
             for ax in axes:
@@ -163,8 +170,9 @@ def coupling_study_figure(table: pd.DataFrame, estimators: Sequence[str] | None 
                 ax.set_yscale("symlog", linthresh=1.0)
                 ax.axhline(1.0, color="0.6", lw=0.6, ls=":")
             else:
-                ax.set_ylim(-0.1, 1.02)
+                ax.set_ylim(top=1.02)
                 ax.axhline(0.0, color="0.6", lw=0.6)
+            if metric == metrics[0]:
                 handles = [Line2D([], [], color="0.3", ls=styles[lr]) for lr in lrs]
                 ax.legend(
                     handles, [f"lr {lr:g}" for lr in lrs], frameon=False, fontsize="small", loc="lower left"
