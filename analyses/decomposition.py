@@ -79,9 +79,12 @@ def has_jvp(records: pd.DataFrame) -> bool:
     return JVP in records.columns and bool(np.isfinite(as_float(records[JVP])).any())
 
 
-def parts(base: str = "logit-grad", jvp: bool = False) -> list[str]:
-    """Summary rows, in order: measured, base, [omega_jvp], coupling, [nonlinearity], curvature, omission."""
-    base_column = estimator_column(base)
+def parts(base: str = "logit-grad", jvp: bool = False, records: pd.DataFrame | None = None) -> list[str]:
+    """Summary rows, in order: measured, base, [omega_jvp], coupling, [nonlinearity], curvature, omission.
+
+    ``records`` make their own ``omega_*`` columns valid bases (see ``estimator_column``).
+    """
+    base_column = estimator_column(base, records)
     if jvp:
         return [MEASURED, base_column, JVP, "coupling", "nonlinearity", "curvature", "omission"]
     return [MEASURED, base_column, "coupling", "curvature", "omission"]
@@ -122,7 +125,7 @@ def update_gains(records: pd.DataFrame, estimators: Sequence[str] | None = None)
     if estimators is None:
         columns = [c for c in records.columns if str(c).startswith("omega_")]
     else:
-        columns = [estimator_column(name) for name in estimators]
+        columns = [estimator_column(name, records) for name in estimators]
         require_columns(records, columns, "Update gains")
     keys = _update_keys(records)
     rows = []
@@ -163,7 +166,7 @@ def decompose(
         ``delta_entropy`` equals the sum of the identity's parts up to rounding; NaN inputs
         give NaN parts.
     """
-    base_column = estimator_column(base)
+    base_column = estimator_column(base, records)
     jvp = has_jvp(records) if jvp is None else jvp
     need = [MEASURED, LINEAR, base_column, PAPER] + ([JVP] if jvp else [])
     require_columns(records, need, "Decomposition")
@@ -232,7 +235,7 @@ def decomposition_summary(
         require_columns(records, keys, "Grouping")
     ids = [c for c in id_columns(records) if c not in keys]
     keys = ids + keys
-    names = parts(base, jvp)
+    names = parts(base, jvp, records)
     identity = [MEASURED, LINEAR, names[1]] + ([JVP] if jvp else [])
     finite = np.isfinite(raw[identity].to_numpy(dtype=float)).all(axis=1)
     raw, calibrated = raw[finite], calibrated[finite]

@@ -132,7 +132,7 @@ def quadrants(
         rule's sign -sign(A l_a) differs from the ``softmax`` estimator's; NaN for A = 0 or
         without an ``omega_softmax`` column); preceded by ``method``/``run`` when present.
     """
-    column = estimator_column(estimator)
+    column = estimator_column(estimator, records)
     require_columns(
         records, ["advantage", "logprob", "entropy_before", MEASURED, column], "Quadrant analysis"
     )
