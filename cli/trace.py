@@ -55,12 +55,20 @@ def print_trace_tables(tables: dict, label: str) -> None:
     print_table(
         tables.get("quadrants"),
         f"{label}: quadrants sign(A) x sign(log pi_a + H)",
-        ["quadrant", "theory", "count", "mean_predicted", "mean_measured", "sign_agreement"],
+        [
+            "quadrant",
+            "theory",
+            "count",
+            "mean_predicted",
+            "mean_measured",
+            "sign_agreement",
+            "softmax_disagreement",
+        ],
     )
     print_table(
         tables.get("decomposition"),
         f"{label}: decomposition of the measured change",
-        ["part", "sum", "sum_abs", "share"],
+        ["part", "split", "sum", "share", "sum_calibrated", "share_calibrated", "gain"],
     )
 
 

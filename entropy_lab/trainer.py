@@ -283,22 +283,47 @@ class Trainer:
         rewards = rewards_of(self.task, problems, ro).to(self.device)  # (B,)
         return ro, rewards, problems
 
-    def _forward_stats(self, ro: Rollout, mb: torch.Tensor, need_entropy: bool, need_collision: bool):
-        """Differentiable log-probs (and entropy, collision) of rows ``mb``, aligned with input_ids: (b, T) each."""
+    def single_use(self) -> bool:
+        """Whether each rollout batch feeds one forward/backward only: one epoch, one mini-batch, one
+        micro-batch. Then the rollout policy is the current one (old log-probs = current detached,
+        ratio 1), and its statistics come from the training forward instead of a no-grad forward."""
+        cfg = self.cfg
+        B = cfg.prompts_per_step * cfg.samples_per_prompt
+        return (
+            cfg.ppo_epochs == 1
+            and cfg.mini_batches == 1
+            and (cfg.micro_batch_size == 0 or cfg.micro_batch_size >= B)
+        )
+
+    def _forward_stats(
+        self, ro: Rollout, mb: torch.Tensor, need_entropy: bool, need_collision: bool, with_old: bool = False
+    ):
+        """Differentiable log-probs (and entropy, collision) of rows ``mb``, aligned with input_ids: (b, T) each.
+
+        ``with_old``: also return the rollout policy's statistics ``{logprob, entropy, collision}``
+        ((b, T) each, no grad) from this same forward, for a batch used once (``single_use``);
+        else that fourth value is None.
+        """
         with self.autocast():
             logits = self.model(**ro.rows(mb)).logits  # (b, T, V)
         ids = ro.input_ids[mb]
         pad = torch.zeros(len(mb), 1, device=ids.device)
         logprob = torch.cat([pad, gather_logprobs(logits[:, :-1], ids[:, 1:])], 1)  # (b, T)
-        entropy = collision = None
+        entropy = collision = old = None
         if need_entropy:
             entropy = torch.cat([pad, entropy_from_logits(logits[:, :-1])], 1)
-        if need_collision:
-            st = token_stats(logits[:, :-1].detach(), ids[:, 1:])
-            collision = torch.cat([pad, st.collision.float()], 1)
-            if entropy is None:
-                entropy = torch.cat([pad, st.entropy.float()], 1)
-        return logprob, entropy, collision
+        if need_collision or with_old:
+            # With with_old the trainer checks the values and names the step (as for the rollout's).
+            st = token_stats(logits[:, :-1].detach(), ids[:, 1:], check_finite=not with_old)
+            st_entropy = torch.cat([pad, st.entropy.float()], 1)  # (b, T)
+            st_collision = torch.cat([pad, st.collision.float()], 1)  # (b, T)
+            if need_collision:
+                collision = st_collision
+                if entropy is None:
+                    entropy = st_entropy
+            if with_old:
+                old = {"logprob": logprob.detach(), "entropy": st_entropy, "collision": st_collision}
+        return logprob, entropy, collision, old
 
     def update(self, step: int, batch: RolloutBatch) -> dict:
         """PPO epochs over mini-batches with micro-batch accumulation; traced when due."""
@@ -317,17 +342,7 @@ class Trainer:
             )
             for mb in order.chunk(cfg.mini_batches):  # (b,) rows of one optimizer update
                 ctx = (
-                    self.tracer.step(
-                        ro.input_ids[mb],
-                        ro.attention_mask[mb],
-                        ro.response_mask[mb],
-                        advantages=adv_tok[mb],
-                        old_logprobs=batch.old_logprob[mb],
-                        step=step,
-                        update=update,
-                        forward_kwargs={"position_ids": ro.position_ids[mb]},
-                        optimizer=self.optimizer,
-                    )
+                    self._trace_step(step, update, ro, mb, adv_tok[mb], batch.old_logprob[mb])
                     if traced
                     else contextlib.nullcontext()
                 )
@@ -338,6 +353,51 @@ class Trainer:
                 if trace is not None:
                     records.append(trace.records)
                 update += 1
+        return self._update_metrics(step, sums, records)
+
+    def update_once(self, step: int, ro: Rollout, rewards: torch.Tensor, ref_lp) -> dict:
+        """The update of a batch used once (``single_use``): one forward gives the loss and the rollout
+        policy's statistics (advantages, the objective's context, metrics), no separate no-grad forward.
+
+        Returns the step's metrics, those of ``_batch_metrics`` first. The tracer, when due, gets
+        neither advantages nor old log-probs up front: the advantage comes from the loss's
+        annotations and its old log-prob is its own pre-update one (ratio 1), as in the loss.
+        """
+        cfg = self.cfg
+        need = required_inputs(cfg)
+        rows = torch.arange(ro.input_ids.shape[0], device=self.device)  # (B,)
+        traced = cfg.trace_every > 0 and step % cfg.trace_every == 0
+        sums: dict[str, list[float]] = defaultdict(list)
+        ctx = self._trace_step(step, 0, ro, rows) if traced else contextlib.nullcontext()
+        with ctx as trace:
+            self.optimizer.zero_grad(set_to_none=True)
+            logprob, entropy, collision, old = self._forward_stats(
+                ro, rows, "entropy" in need, "collision" in need, with_old=True
+            )
+            batch = self._make_batch(step, ro, rewards, old, ref_lp)
+            metrics = self._batch_metrics(step, batch)
+            n_tok, n_seq = float(batch.mask.sum()), float(len(rows))
+            self._loss_backward(step, batch, rows, 0, logprob, entropy, collision, n_tok, n_seq, trace, sums)
+            self._optimizer_step(step, sums)
+        metrics.update(self._update_metrics(step, sums, [] if trace is None else [trace.records]))
+        return metrics
+
+    def _trace_step(self, step, update, ro: Rollout, mb, advantages=None, old_logprobs=None):
+        """The tracer's context for the optimizer update over rows ``mb`` (b,)."""
+        return self.tracer.step(
+            ro.input_ids[mb],
+            ro.attention_mask[mb],
+            ro.response_mask[mb],
+            advantages=advantages,
+            old_logprobs=old_logprobs,
+            step=step,
+            update=update,
+            forward_kwargs={"position_ids": ro.position_ids[mb]},
+            optimizer=self.optimizer,
+        )
+
+    def _update_metrics(self, step: int, sums: dict, records: list) -> dict:
+        """Mean of each loss and optimizer metric over the updates; trace records saved, summarised."""
         metrics = {k: float(np.mean(v)) for k, v in sums.items()}
         if records:
             df = pd.concat(records, ignore_index=True)
@@ -364,26 +424,39 @@ class Trainer:
         micro = cfg.micro_batch_size or len(mb)
         for offset in range(0, len(mb), micro):
             rows = mb[offset : offset + micro]  # (m,)
-            logprob, entropy, collision = self._forward_stats(
+            logprob, entropy, collision, _ = self._forward_stats(
                 batch.rollout, rows, "entropy" in need, "collision" in need
             )
-            inputs = batch.loss_inputs(
-                rows, logprob, entropy, collision, num_tokens=n_tok, num_seqs=n_seq, generator=self.loss_gen
+            self._loss_backward(
+                step, batch, rows, offset, logprob, entropy, collision, n_tok, n_seq, trace, sums
             )
-            out = compute_loss(inputs, cfg)
-            if not torch.isfinite(out.loss):
-                raise EntropyLabError(self._nan_message(step, "loss"))
-            out.loss.backward()
-            if trace is not None:  # what the tracer cannot see from the logits alone
-                trace.annotate(
-                    rows=torch.arange(offset, offset + len(rows)),
-                    clip_indicator=out.clip_indicator,
-                    intervention_weight=out.intervention_weight,
-                    normalizer=out.normalizer,
-                    advantage=out.advantage,
-                )
-            for k, v in out.metrics.items():
-                sums[k].append(v)
+
+    def _loss_backward(
+        self, step, batch: RolloutBatch, rows, offset, logprob, entropy, collision, n_tok, n_seq, trace, sums
+    ) -> None:
+        """Loss of batch rows ``rows`` (m,) from their forward's (m, T) statistics, backward, metrics.
+
+        ``offset``: where these rows start within the (traced) mini-batch; ``n_tok``, ``n_seq``: the
+        mini-batch's normalisers (valid tokens, sequences).
+        """
+        cfg = self.cfg
+        inputs = batch.loss_inputs(
+            rows, logprob, entropy, collision, num_tokens=n_tok, num_seqs=n_seq, generator=self.loss_gen
+        )
+        out = compute_loss(inputs, cfg)
+        if not torch.isfinite(out.loss):
+            raise EntropyLabError(self._nan_message(step, "loss"))
+        out.loss.backward()
+        if trace is not None:  # what the tracer cannot see from the logits alone
+            trace.annotate(
+                rows=torch.arange(offset, offset + len(rows)),
+                clip_indicator=out.clip_indicator,
+                intervention_weight=out.intervention_weight,
+                normalizer=out.normalizer,
+                advantage=out.advantage,
+            )
+        for k, v in out.metrics.items():
+            sums[k].append(v)
 
     def _optimizer_step(self, step: int, sums) -> None:
         """Clip, check and apply the accumulated gradient."""
@@ -407,21 +480,33 @@ class Trainer:
         t0 = time.perf_counter()
         with self._sampling_guard(step):
             ro, rewards, _ = self.rollout()
-        B = len(rewards)
         with self.autocast():
-            old = response_stats(self.model, ro, cfg.micro_batch_size)
             ref_lp = (
                 None
                 if self.ref_model is None
                 else response_stats(self.ref_model, ro, cfg.micro_batch_size)["logprob"]
             )
+        if self.single_use():
+            metrics = self.update_once(step, ro, rewards, ref_lp)
+        else:
+            with self.autocast():
+                old = response_stats(self.model, ro, cfg.micro_batch_size)  # the rollout policy, no grad
+            batch = self._make_batch(step, ro, rewards, old, ref_lp)
+            metrics = self._batch_metrics(step, batch)
+            metrics.update(self.update(step, batch))
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _make_batch(self, step: int, ro: Rollout, rewards, old: dict, ref_lp) -> RolloutBatch:
+        """The step's batch from the rollout policy's statistics ``old`` ((B, T) logprob, entropy, collision)."""
+        cfg = self.cfg
         for k, v in old.items():
             if not torch.isfinite(v).all():
                 raise EntropyLabError(self._nan_message(step, f"rollout {k}"))
         P, G = cfg.prompts_per_step, cfg.samples_per_prompt
         mask = ro.response_mask.float()
         seq_lp = mean_token_logprob(old["logprob"], mask).view(P, G)
-        adv = advantages_for_config(rewards.view(P, G).float(), cfg, seq_lp).reshape(B)  # (B,)
+        adv = advantages_for_config(rewards.view(P, G).float(), cfg, seq_lp).reshape(P * G)  # (B,)
         batch = RolloutBatch(
             rollout=ro,
             rewards=rewards,
@@ -432,17 +517,19 @@ class Trainer:
             ref_logprob=ref_lp,
         )
         batch.context = prepare_context(batch.full_inputs(), cfg)
-        metrics = {
+        return batch
+
+    def _batch_metrics(self, step: int, batch: RolloutBatch) -> dict:
+        """The step's metrics known before its update: rewards, rollout entropy, length, zero advantages."""
+        ro, rewards = batch.rollout, batch.rewards
+        return {
             "step": step,
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()),
-            "entropy/mean": mean_response_entropy(old, ro),
+            "entropy/mean": mean_response_entropy({"entropy": batch.old_entropy}, ro),
             "response/length": float(ro.response_lengths.float().mean()),
-            "advantage/zero_frac": float((adv == 0).float().mean()),
+            "advantage/zero_frac": float((batch.advantages == 0).float().mean()),
         }
-        metrics.update(self.update(step, batch))
-        metrics["time/step_s"] = time.perf_counter() - t0
-        return metrics
 
     def evaluate(self, step: int) -> dict:
         cfg = self.cfg

@@ -116,6 +116,7 @@ def test_trace_analyses_existing_traces(trained_run):
         "softmax",
         "logit-grad",
         "covariance",
+        "paper-appendix",
     }
 
 
