@@ -16,8 +16,20 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from entropy_lab.errors import EntropyLabError
 from entropy_lab.stats import TokenStats, entropy_change_stats
 from entropy_lab.trace_rows import TracedTokens, take_rows
+
+
+def require_logits(output) -> torch.Tensor:
+    """``logits_of(output)``, or one error naming what the model returned instead."""
+    logits = logits_of(output)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise EntropyLabError(
+            f"the model's forward returned {type(output).__name__} without a (B, T, V) .logits tensor; "
+            "EntropyTracer needs a causal LM whose output has .logits (or is the logits tensor)"
+        )
+    return logits
 
 
 def logits_of(output) -> torch.Tensor | None:
@@ -126,7 +138,7 @@ class OwnForward:
                     kw["logits_to_keep"] = keep
                 ctx = torch.autocast(dev_type, dtype=dtype) if enabled else contextlib.nullcontext()
                 with ctx:
-                    logits = logits_of(self.model(input_ids=input_ids[chunk], **kw))  # (r, T or K, V)
+                    logits = require_logits(self.model(input_ids=input_ids[chunk], **kw))  # (r, T or K, V)
                 # One gather for the whole forward: (k,) token indices and their (k, V) logits.
                 parts = [tok.tokens_of_row[b] for b in chunk.tolist()]
                 local = torch.cat([torch.full_like(p, i) for i, p in enumerate(parts)])

@@ -102,5 +102,15 @@ LIBRARY_CASES = [
     ("checkpoint-malicious", "load_malicious_trainer_state", ["refusing to load", "exec"]),
     ("checkpoint-truncated", "load_truncated_trainer_state", ["damaged"]),
     ("run-create-on-model", "create_run_on_a_model", ["Hugging Face model"]),
+    ("tracer-nan-advantage", "tracer_with_nan_advantage", ["advantages is NaN", "sample 1"]),
+    ("tracer-inf-old-logprob", "tracer_with_inf_old_logprob", ["old_logprobs is NaN or infinite"]),
+    ("tracer-output-without-logits", "tracer_on_a_model_without_logits", ["without a (B, T, V) .logits"]),
+    ("tracer-step-reused", "tracer_step_context_reused", ["already used", "tracer.step(...) again"]),
+    ("tracer-step-nested", "tracer_step_nested_on_one_tracer", ["already tracing", "second EntropyTracer"]),
+    ("tracer-max-positions-zero", "tracer_with_zero_max_positions", ["max_positions", ">= 1"]),
+    ("tracer-max-positions-negative", "tracer_with_negative_max_positions", ["max_positions", ">= 1"]),
+    ("tracer-advantages-wrong-shape", "tracer_with_advantages_of_wrong_shape", ["advantages must have shape"]),
+    ("tracer-response-mask-wrong-shape", "tracer_with_response_mask_of_wrong_shape", ["response_mask must have shape"]),
+    ("tracer-all-zero-mask", "tracer_with_all_zero_response_mask", ["selects no tokens"]),
 ]
 # fmt: on
