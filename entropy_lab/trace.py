@@ -45,8 +45,9 @@ indicator 1, intervention weight 1, normaliser = response tokens in the batch
 
 Modules: ``trace_rows`` (which tokens, which rows), ``trace_hooks`` (the hooks and their
 removal), ``trace_capture`` (the pre-update side), ``trace_forward`` (the tracer's own
-forwards and the post-update pass), ``trace_records`` (the record builder). This module
-ties them into the context manager.
+forwards and the post-update pass), ``trace_records`` (the record builder),
+``trace_distributed`` (DDP / FSDP2: collective-safe forwards, global quantities, ``rank``).
+This module ties them into the context manager.
 
 Simplifications: ``covariance`` takes its batch means over the traced tokens; with
 several optimizer steps inside one context, the records cover their sum (a warning says so).
