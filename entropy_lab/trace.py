@@ -54,9 +54,7 @@ several optimizer steps inside one context, the records cover their sum (a warni
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 
 import pandas as pd
 import torch
@@ -113,14 +111,18 @@ class EntropyTracer:
             )
         if isinstance(max_positions, float) and not 0 < max_positions <= 1:
             raise EntropyLabError(f"max_positions as a fraction must be in (0, 1], got {max_positions}")
+        if isinstance(max_positions, int) and (isinstance(max_positions, bool) or max_positions < 1):
+            raise EntropyLabError(
+                f"max_positions must be a count >= 1, a fraction in (0, 1] or None (all tokens), got {max_positions!r}"
+            )
         self.model = model
         self.max_positions = max_positions
         self.forward_batch_size = forward_batch_size
         self.chunk_bytes = chunk_bytes
         self.seed = seed
         self.config = dict(config or {})
+        self._open: TraceStep | None = None  # the step whose block is running, if any
 
-    @contextlib.contextmanager
     def step(
         self,
         input_ids: torch.Tensor,
@@ -134,11 +136,13 @@ class EntropyTracer:
         update: int = 0,
         forward_kwargs: dict | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-    ) -> Iterator[TraceStep]:
-        """Trace the optimizer step taken inside the ``with`` block; yields a ``TraceStep``.
+    ) -> StepContext:
+        """Trace the optimizer step taken inside the ``with`` block; the block gets a ``TraceStep``.
 
         ``optimizer``: the optimizer whose step is traced. Given, its own pre-step hook is used;
         None falls back to the process-global pre-step hook (any optimizer's step counts).
+        The context is entered once; one tracer traces one block at a time (nesting two
+        tracers' steps is fine).
         """
         traced = TraceStep(
             self,
@@ -152,12 +156,37 @@ class EntropyTracer:
             update=update,
             forward_kwargs=forward_kwargs or {},
         )
-        traced._attach(optimizer)
-        try:
-            yield traced
-        finally:
-            traced._detach()
-        traced._finish()
+        return StepContext(self, traced, optimizer)
+
+
+class StepContext:
+    """The ``with`` block of one traced step: hooks on entry, removed on any exit, records after."""
+
+    def __init__(self, tracer: EntropyTracer, traced: TraceStep, optimizer: torch.optim.Optimizer | None):
+        self.tracer, self.traced, self.optimizer = tracer, traced, optimizer
+        self.used = False
+
+    def __enter__(self) -> TraceStep:
+        if self.used:
+            raise EntropyLabError(
+                "this tracer.step(...) context was already used; call tracer.step(...) again for each update"
+            )
+        if self.tracer._open is not None:
+            raise EntropyLabError(
+                "this tracer is already tracing a step; finish that with-block first "
+                "(nested steps need a second EntropyTracer)"
+            )
+        self.used = True
+        self.traced._attach(self.optimizer)
+        self.tracer._open = self.traced
+        return self.traced
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer._open = None
+        self.traced._detach()
+        if exc_type is None:
+            self.traced._finish()
+        return False
 
 
 class TraceStep:
@@ -277,24 +306,34 @@ class TraceStep:
     # --- results -----------------------------------------------------------------------
     def _finish(self) -> None:
         if self.n_optimizer_steps == 0:
-            warnings.warn("no optimizer step ran inside the traced block: deltas are zero", stacklevel=4)
+            warnings.warn("no optimizer step ran inside the traced block: deltas are zero", stacklevel=3)
             if not bool(self.capture.have_before.all()):
                 self._fill_before(~self.capture.have_before)
         elif self.n_optimizer_steps > 1:
             warnings.warn(
                 f"{self.n_optimizer_steps} optimizer steps ran inside one traced block; "
                 "the records cover their sum",
-                stacklevel=4,
+                stacklevel=3,
+            )
+        reached = int(self.capture.have_grad.sum())
+        if self.n_optimizer_steps > 0 and reached < self.n:
+            warnings.warn(
+                f"no gradient reached {self.n - reached} of {self.n} traced tokens: the forward inside the "
+                "block did not use the input_ids given to step() (rows must match by content and length), "
+                "so omega_logit_grad is NaN for them; forward the traced batch itself",
+                stacklevel=3,
             )
         pre = self._pre_stats or self.capture.stats()
         z_before = self.capture.z_before
         assert z_before is not None
-        entropy_after, linear, changed = post_update_pass(self.forward, z_before, self.tracer.chunk_bytes)
+        entropy_after, linear, changed = post_update_pass(
+            self.forward, z_before, self.tracer.chunk_bytes, pre
+        )
         if not changed and self.n_optimizer_steps > 0:
             warnings.warn(
                 "the optimizer step left every traced logit unchanged (all advantages zero?): "
                 "records hold zero deltas",
-                stacklevel=4,
+                stacklevel=3,
             )
         self.records = build_records(
             self.tokens,

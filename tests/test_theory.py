@@ -181,7 +181,14 @@ def test_covariance_identity_and_relations_between_forms():
 
 
 def test_registry_and_quadrants():
-    assert list(ESTIMATORS) == ["paper", "sampled-logit", "softmax", "logit-grad", "covariance"]
+    assert list(ESTIMATORS) == [
+        "paper",
+        "sampled-logit",
+        "softmax",
+        "logit-grad",
+        "covariance",
+        "paper-appendix",
+    ]
     with pytest.raises(EntropyLabError, match="valid: paper, sampled-logit"):
         get_estimator("nope")
     with pytest.raises(EntropyLabError, match="already registered"):
