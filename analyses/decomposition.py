@@ -61,7 +61,7 @@ def decompose(records: pd.DataFrame, base: str = "logit-grad") -> pd.DataFrame:
         ``coupling``, ``curvature``, ``omission``. NaN inputs give NaN parts.
         ``delta_entropy == base + coupling + curvature`` up to rounding.
     """
-    base_column = estimator_column(base)
+    base_column = estimator_column(base, records)
     require_columns(records, [MEASURED, LINEAR, base_column, PAPER], "Decomposition")
     keep = id_columns(records) + [c for c in WHERE_COLUMNS if c in records.columns]
     measured, linear = as_float(records[MEASURED]), as_float(records[LINEAR])

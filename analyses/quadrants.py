@@ -110,7 +110,7 @@ def quadrants(
         ``theory_agreement`` (measured sign vs the quadrant's theory), ``n_above_floor``,
         ``noise_floor``; preceded by ``method``/``run`` when present.
     """
-    column = estimator_column(estimator)
+    column = estimator_column(estimator, records)
     require_columns(
         records, ["advantage", "logprob", "entropy_before", MEASURED, column], "Quadrant analysis"
     )

@@ -85,7 +85,7 @@ def _resolve_factors(factors: Mapping[str, str] | None) -> dict[str, str]:
 
 def _run_residuals(run: pd.DataFrame, estimator: str, calibrated: bool) -> tuple[pd.DataFrame, float]:
     """The run's measured, predicted (calibrated or raw) and residual columns, and the gain used."""
-    column = estimator_column(estimator)
+    column = estimator_column(estimator, run)
     measured, omega = as_float(run[MEASURED]), as_float(run[column])
     ok = np.isfinite(measured) & np.isfinite(omega)
     gain = through_origin_gain(measured[ok], omega[ok])
@@ -133,7 +133,9 @@ def residuals_by_factor(
         and for an all-zero estimator), preceded by ``method``/``run`` when present.
     """
     factors = _resolve_factors(factors)
-    require_columns(records, [MEASURED, estimator_column(estimator), *factors.values()], "Residual analysis")
+    require_columns(
+        records, [MEASURED, estimator_column(estimator, records), *factors.values()], "Residual analysis"
+    )
     ids = id_columns(records)
     rows = []
     for run_values, run in iter_groups(records, ids):
@@ -198,7 +200,9 @@ def factor_variance_share(
     gets a share of about (bins - 1) / n by chance.
     """
     factors = _resolve_factors(factors)
-    require_columns(records, [MEASURED, estimator_column(estimator), *factors.values()], "Residual analysis")
+    require_columns(
+        records, [MEASURED, estimator_column(estimator, records), *factors.values()], "Residual analysis"
+    )
     ids = id_columns(records)
     rows = []
     for run_values, run in iter_groups(records, ids):

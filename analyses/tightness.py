@@ -33,14 +33,14 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.records import COLUMN_GROUPS
+from entropy_lab.records import COLUMN_GROUPS, estimator_name, predicted_columns
 
-# Derived from the record contract (entropy_lab.records), the one list of columns,
-# rather than from the torch-side estimator registry, so analyses never import torch.
-ESTIMATOR_COLUMNS: dict[str, str] = {
-    column.removeprefix("omega_").replace("_", "-"): column for column in COLUMN_GROUPS["predicted"]
-}
-"""Estimator name -> trace-record column (``omega_`` + name with '-' as '_')."""
+ESTIMATOR_COLUMNS: dict[str, str] = {estimator_name(column): column for column in COLUMN_GROUPS["predicted"]}
+"""The built-in estimators of the record contract: name -> column (``omega_`` + name with '-' as '_').
+
+Every trace record has these; records may hold more ``omega_*`` columns (estimators registered
+by the user), which ``estimator_columns`` finds. Taken from the record contract rather than the
+torch-side estimator registry, so analyses never import torch."""
 
 MEASURED = "delta_entropy"
 """The exact per-token entropy change, H_after - H_before (nats)."""
@@ -52,26 +52,40 @@ DEFAULT_GROUPS: tuple[str, ...] = ("step", "update")
 NOISE_FLOOR_FRACTION = 1e-3
 
 
-def estimator_column(name: str) -> str:
-    """Return the record column of estimator ``name``; raise listing the valid names."""
+def estimator_columns(records: pd.DataFrame | None = None) -> dict[str, str]:
+    """Estimator name -> column for every ``omega_*`` column of ``records`` (built-ins first).
+
+    None gives the built-ins (``ESTIMATOR_COLUMNS``).
+    """
+    if records is None:
+        return dict(ESTIMATOR_COLUMNS)
+    return {estimator_name(c): c for c in predicted_columns(records.columns)}
+
+
+def estimator_column(name: str, records: pd.DataFrame | None = None) -> str:
+    """Return the record column of estimator ``name``; raise listing the valid names.
+
+    Valid names: the built-ins and, when ``records`` is given, every estimator it has a column for.
+    """
+    known = {**ESTIMATOR_COLUMNS, **estimator_columns(records)}
     try:
-        return ESTIMATOR_COLUMNS[name]
+        return known[name]
     except KeyError:
-        valid = ", ".join(ESTIMATOR_COLUMNS)
+        valid = ", ".join(known)
         raise EntropyLabError(f"Unknown estimator '{name}'; valid names are: {valid}.") from None
 
 
 def available_estimators(records: pd.DataFrame) -> list[str]:
-    """Estimator names whose column exists in ``records`` with at least one finite value.
+    """Estimator names whose ``omega_*`` column exists in ``records`` with at least one finite value.
 
     All-NaN columns (an estimator the tracer could not compute, e.g. ``logit-grad``)
-    are left out, in the order of ``ESTIMATOR_COLUMNS``.
+    are left out; built-ins first, in contract order, then the others in frame order.
     """
-    names = []
-    for name, column in ESTIMATOR_COLUMNS.items():
-        if column in records.columns and np.isfinite(as_float(records[column])).any():
-            names.append(name)
-    return names
+    return [
+        name
+        for name, column in estimator_columns(records).items()
+        if np.isfinite(as_float(records[column])).any()
+    ]
 
 
 def id_columns(records: pd.DataFrame) -> list[str]:
@@ -97,7 +111,7 @@ def resolve_estimators(records: pd.DataFrame, estimators: Sequence[str] | str | 
     if isinstance(estimators, str):
         estimators = [estimators]
     for name in estimators:
-        estimator_column(name)
+        estimator_column(name, records)
     return [name for name in estimators if name in available]
 
 
@@ -237,7 +251,7 @@ def tightness(
 
     Args:
         records: trace records with ``delta_entropy`` and ``omega_*`` columns.
-        estimators: estimator names (see ``ESTIMATOR_COLUMNS``); None = every available one.
+        estimators: estimator names (``estimator_columns(records)``); None = every available one.
             All-NaN estimators are skipped.
         by: grouping columns; None = ``("step", "update")``, whichever are present; ``()``
             pools all tokens (see ``tightness_summary``).
@@ -256,6 +270,7 @@ def tightness(
     require_columns(records, [MEASURED], "Tightness")
     keys = _resolve_groups(records, by, split_runs)
     names = resolve_estimators(records, estimators)
+    columns = estimator_columns(records)
     run_keys = [c for c in id_columns(records) if split_runs]
     rows = []
     for run_values, run in iter_groups(records, run_keys):
@@ -263,7 +278,7 @@ def tightness(
         inner = [k for k in keys if k not in run_keys]
         for group_values, group in iter_groups(run, inner):
             for name in names:
-                measured, predicted = finite_pairs(group, MEASURED, ESTIMATOR_COLUMNS[name])
+                measured, predicted = finite_pairs(group, MEASURED, columns[name])
                 stats = fit_statistics(measured, predicted, floor)
                 rows.append({**run_values, **group_values, "estimator": name, **stats})
     return pd.DataFrame(rows, columns=[*keys, "estimator", *TIGHTNESS_COLUMNS])

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -71,18 +71,26 @@ from entropy_lab.registry import Registry
 LOG_RATIO_CLAMP = 20.0
 
 
+PER_TOKEN = {"per_token": True}
+"""Field metadata of ``LossInputs``: a (B, T) tensor, sliced with the batch rows."""
+
+
 @dataclass
 class LossInputs:
-    """Inputs of one loss call; every tensor is (B, T), aligned with response positions."""
+    """Inputs of one loss call; every per-token tensor is (B, T), aligned with response positions."""
 
-    logprob: torch.Tensor  # (B, T) log pi(a_t), current parameters, with grad
-    old_logprob: torch.Tensor  # (B, T) rollout policy, no grad
-    advantages: torch.Tensor  # (B, T) sequence advantage broadcast over its tokens
-    mask: torch.Tensor  # (B, T) float or bool response mask
-    entropy: torch.Tensor | None = None  # (B, T) current entropy; with grad when entropy_coef > 0
-    old_entropy: torch.Tensor | None = None  # (B, T) rollout-policy entropy (STEER's H as released)
-    collision: torch.Tensor | None = None  # (B, T) current collision term C, no grad
-    ref_logprob: torch.Tensor | None = None  # (B, T) reference policy, when kl_coef > 0
+    logprob: torch.Tensor = field(metadata=PER_TOKEN)  # (B, T) log pi(a_t), current parameters, with grad
+    old_logprob: torch.Tensor = field(metadata=PER_TOKEN)  # (B, T) rollout policy, no grad
+    advantages: torch.Tensor = field(
+        metadata=PER_TOKEN
+    )  # (B, T) sequence advantage broadcast over its tokens
+    mask: torch.Tensor = field(metadata=PER_TOKEN)  # (B, T) float or bool response mask
+    # (B, T) current entropy; with grad when entropy_coef > 0
+    entropy: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)
+    # (B, T) rollout-policy entropy (STEER's H as released)
+    old_entropy: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)
+    collision: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)  # (B, T) current C, no grad
+    ref_logprob: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)  # (B, T) reference policy
     num_tokens: float | None = None  # valid tokens in the whole mini-batch (default: this call's)
     num_seqs: float | None = None  # sequences in the whole mini-batch (default: this call's B)
     context: dict = field(default_factory=dict)  # the objective's prepare() output for this rollout batch
@@ -92,6 +100,18 @@ class LossInputs:
     def valid(self) -> torch.Tensor:
         """(B, T) bool response mask."""
         return self.mask > 0
+
+    @classmethod
+    def per_token_fields(cls) -> tuple[str, ...]:
+        """Names of the (B, T) tensor fields, in declaration order."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("per_token"))
+
+    def select_rows(self, rows: torch.Tensor) -> LossInputs:
+        """The inputs of batch rows ``rows`` (b,): per-token tensors sliced, everything else shared."""
+        return replace(
+            self,
+            **{n: getattr(self, n)[rows] for n in self.per_token_fields() if getattr(self, n) is not None},
+        )
 
 
 @dataclass
@@ -468,7 +488,7 @@ def _check_inputs(inputs: LossInputs, cfg: TrainConfig) -> None:
     shape = inputs.logprob.shape
     if len(shape) != 2:
         raise EntropyLabError(f"LossInputs tensors must be (B, T), got logprob of shape {tuple(shape)}")
-    for name in ("old_logprob", "advantages", "mask", "entropy", "old_entropy", "collision", "ref_logprob"):
+    for name in inputs.per_token_fields():
         value = getattr(inputs, name)
         if value is not None and value.shape != shape:
             raise EntropyLabError(
@@ -500,7 +520,8 @@ def compute_loss(inputs: LossInputs, cfg: TrainConfig) -> LossOutput:
             return None
         return torch.where(valid, (x if grad else x.detach()).to(dtype), fill)
 
-    cast = LossInputs(
+    cast = replace(
+        inputs,
         logprob=logprob,
         old_logprob=clean(inputs.old_logprob, logprob.detach()),  # r = 1 on padding
         advantages=clean(inputs.advantages, zero),
@@ -509,10 +530,6 @@ def compute_loss(inputs: LossInputs, cfg: TrainConfig) -> LossOutput:
         old_entropy=clean(inputs.old_entropy, zero),
         collision=clean(inputs.collision, zero),
         ref_logprob=clean(inputs.ref_logprob, logprob.detach()),
-        num_tokens=inputs.num_tokens,
-        num_seqs=inputs.num_seqs,
-        context=inputs.context,
-        generator=inputs.generator,
     )
     terms = objective(cast, cfg)
     agg = dict(

@@ -2,6 +2,10 @@
 
 Column names are a public contract. A trace file is Parquet, one per traced update
 (or per step), with the run configuration as JSON in the file's schema metadata.
+The ``predicted`` group lists the built-in estimators' columns, which every record
+has; records may carry more columns: one ``omega_<name>`` per further registered
+estimator, and any other column a producer adds. Readers find the predicted columns
+with ``predicted_columns``.
 """
 
 from __future__ import annotations
@@ -40,10 +44,28 @@ COLUMN_GROUPS: dict[str, tuple[str, ...]] = {
 COLUMNS: tuple[str, ...] = tuple(c for group in COLUMN_GROUPS.values() for c in group)
 INT_COLUMNS = ("step", "update", "sample", "position", "token_id")
 METADATA_KEY = b"entropy_lab"
+PREDICTED_PREFIX = "omega_"
+
+
+def predicted_column(estimator: str) -> str:
+    """Record column of an estimator: 'sampled-logit' -> 'omega_sampled_logit'."""
+    return PREDICTED_PREFIX + estimator.replace("-", "_")
+
+
+def estimator_name(column: str) -> str:
+    """The estimator of a predicted column: 'omega_sampled_logit' -> 'sampled-logit'."""
+    return column.removeprefix(PREDICTED_PREFIX).replace("_", "-")
+
+
+def predicted_columns(columns) -> list[str]:
+    """The ``omega_*`` columns among ``columns`` (a frame or names): built-ins in contract order, then the rest."""
+    present = [str(c) for c in columns if str(c).startswith(PREDICTED_PREFIX)]
+    builtin = [c for c in COLUMN_GROUPS["predicted"] if c in present]
+    return builtin + [c for c in present if c not in builtin]
 
 
 def validate_records(df: pd.DataFrame, source: str = "records") -> pd.DataFrame:
-    """Raise one clear error if a schema column is missing; return ``df`` unchanged."""
+    """Raise one clear error if a contract column is missing; return ``df`` unchanged (extra columns are fine)."""
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise EntropyLabError(f"{source} lacks trace column(s): {', '.join(missing)}")

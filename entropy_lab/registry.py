@@ -33,6 +33,12 @@ class Registry(dict[str, T]):
         self[name] = entry
         return entry
 
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` and return its entry; an unknown name is an error listing the valid ones."""
+        entry = self[name]
+        del self[name]
+        return entry
+
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator form of ``add``."""
         return lambda entry: self.add(name, entry)

@@ -136,7 +136,7 @@ def trace_tables(records: pd.DataFrame, estimator: str = "softmax") -> dict[str,
         ``residuals`` (per factor bin), ``factor_share`` (eta^2 per factor), ``quadrants``,
         ``decomposition`` (pooled) and ``decomposition_by_step``.
     """
-    estimator_column(estimator)  # fail early, listing the valid names
+    estimator_column(estimator, records)  # fail early, listing the valid names
     base = decomposition_base(records)
     return {
         "tightness": analyses.tightness_summary(records),

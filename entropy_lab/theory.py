@@ -23,11 +23,13 @@ mechanism of RL for reasoning LMs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from entropy_lab.errors import EntropyLabError
+from entropy_lab.records import predicted_column
 from entropy_lab.registry import Registry
 
 
@@ -49,6 +51,15 @@ class TokenQuantities:
     normalizer: torch.Tensor | float = 1.0  # (n,) N
     lr: torch.Tensor | float = 1.0  # eta
     logit_grad_dot: torch.Tensor | None = None  # (n,) sum_k pi_k l_k g_k, g = dLoss/dz
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Further per-token inputs (n,) by name, for estimators that declare them in ``requires``;
+    a producer (e.g. the tracer, when asked) fills only the ones it computed."""
+
+    def has(self, name: str) -> bool:
+        """Whether input ``name`` (an optional field or a key of ``inputs``) is present."""
+        if name in _FIELD_NAMES:
+            return getattr(self, name) is not None
+        return name in self.inputs
 
     @property
     def prob(self) -> torch.Tensor:
@@ -70,22 +81,77 @@ class TokenQuantities:
 
     def select(self, mask: torch.Tensor) -> TokenQuantities:
         """The same quantities restricted to ``mask`` (n,) bool."""
-        kw = {}
+        kw: dict = {}
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v[mask] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        kw["inputs"] = {k: v[mask] for k, v in self.inputs.items()}
         return TokenQuantities(**kw)
 
 
+_FIELD_NAMES = frozenset(f.name for f in fields(TokenQuantities))
+
 Estimator = Callable[[TokenQuantities], torch.Tensor]
-ESTIMATORS: Registry[Estimator] = Registry("estimator")
-register_estimator = ESTIMATORS.register
+"""Maps the quantities of n tokens to omega, (n,)."""
+
+
+column_name = predicted_column
+"""Trace column of an estimator: 'sampled-logit' -> 'omega_sampled_logit' (the record contract's rule)."""
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """A registered estimator: its function and the inputs it cannot do without.
+
+    Calling the spec calls the function. ``requires`` names optional ``TokenQuantities``
+    fields (e.g. ``logit_grad_dot``) or keys of ``TokenQuantities.inputs``; where one is
+    absent the estimator is not computed at all (no column of NaN).
+    """
+
+    name: str
+    fn: Estimator
+    requires: frozenset[str] = frozenset()
+
+    def __call__(self, q: TokenQuantities) -> torch.Tensor:
+        return self.fn(q)
+
+    @property
+    def column(self) -> str:
+        """The trace-record column: ``omega_`` + name with '-' as '_'."""
+        return column_name(self.name)
+
+    def missing(self, q: TokenQuantities) -> list[str]:
+        """The required inputs ``q`` lacks."""
+        return sorted(r for r in self.requires if not q.has(r))
+
+
+ESTIMATORS: Registry[EstimatorSpec] = Registry("estimator")
+
+
+def register_estimator(name: str, requires: Iterable[str] = ()) -> Callable[[Estimator], Estimator]:
+    """Decorator: register an estimator under ``name`` (kebab-case), needing the inputs ``requires``.
+
+    The trace records gain the column ``column_name(name)``; the analyses, figures and
+    reports pick it up from there. Underscores are refused so that the column maps back to
+    one name.
+    """
+    if not name or "_" in name or name != name.strip():
+        raise EntropyLabError(f"estimator name {name!r} must be non-empty kebab-case (use '-', not '_')")
+    needs = frozenset(requires)
+
+    def add(fn: Estimator) -> Estimator:
+        ESTIMATORS.add(name, EstimatorSpec(name, fn, needs))
+        return fn
+
+    return add
+
+
+def unregister_estimator(name: str) -> None:
+    """Remove estimator ``name`` (e.g. one a test or notebook registered)."""
+    ESTIMATORS.remove(name)
+
+
 get_estimator = ESTIMATORS.__getitem__
-
-
-def column_name(estimator: str) -> str:
-    """Trace column of an estimator: 'sampled-logit' -> 'omega_sampled_logit'."""
-    return "omega_" + estimator.replace("-", "_")
 
 
 @register_estimator("paper")
@@ -149,8 +215,8 @@ def omega_covariance(q: TokenQuantities) -> torch.Tensor:
 
 
 def predict_all(q: TokenQuantities) -> dict[str, torch.Tensor]:
-    """Every registered estimator on ``q``: name -> (n,) omega."""
-    return {name: fn(q) for name, fn in ESTIMATORS.items()}
+    """Every registered estimator whose required inputs ``q`` has: name -> (n,) omega."""
+    return {name: spec(q) for name, spec in ESTIMATORS.items() if not spec.missing(q)}
 
 
 # --- factors and quadrants -------------------------------------------------------------

@@ -30,10 +30,11 @@ import pandas as pd
 import torch
 
 from entropy_lab.advantages import advantages_for_config, mean_token_logprob
+from entropy_lab.batch import RolloutBatch
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.models import load_policy, warm_start
-from entropy_lab.objectives import LossInputs, compute_loss, prepare_context, required_inputs
+from entropy_lab.objectives import compute_loss, prepare_context, required_inputs
 from entropy_lab.optim import build_optimizer
 from entropy_lab.records import save_records
 from entropy_lab.rollout import Rollout, evaluate, mean_response_entropy, response_stats, rewards_of, sample
@@ -241,7 +242,7 @@ class Trainer:
         return ro, rewards, problems
 
     def _forward_stats(self, ro: Rollout, mb: torch.Tensor, need_entropy: bool, need_collision: bool):
-        """Differentiable log-probs (and entropy) of rows ``mb``, aligned with input_ids: (b, T) each."""
+        """Differentiable log-probs (and entropy, collision) of rows ``mb``, aligned with input_ids: (b, T) each."""
         with self.autocast():
             logits = self.model(**ro.rows(mb)).logits  # (b, T, V)
         ids = ro.input_ids[mb]
@@ -257,10 +258,11 @@ class Trainer:
                 entropy = torch.cat([pad, st.entropy.float()], 1)
         return logprob, entropy, collision
 
-    def update(self, step: int, ro: Rollout, adv_tok: torch.Tensor, old: dict, ref_lp, context) -> dict:
+    def update(self, step: int, batch: RolloutBatch) -> dict:
         """PPO epochs over mini-batches with micro-batch accumulation; traced when due."""
         cfg = self.cfg
-        B = ro.input_ids.shape[0]
+        ro, B = batch.rollout, batch.size
+        adv_tok = batch.token_advantages  # (B, T)
         traced = cfg.trace_every > 0 and step % cfg.trace_every == 0
         sums: dict[str, list[float]] = defaultdict(list)
         records = []
@@ -278,17 +280,18 @@ class Trainer:
                         ro.attention_mask[mb],
                         ro.response_mask[mb],
                         advantages=adv_tok[mb],
-                        old_logprobs=old["logprob"][mb],
+                        old_logprobs=batch.old_logprob[mb],
                         step=step,
                         update=update,
                         forward_kwargs={"position_ids": ro.position_ids[mb]},
+                        optimizer=self.optimizer,
                     )
                     if traced
                     else contextlib.nullcontext()
                 )
                 with ctx as trace:
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._accumulate(step, ro, mb, adv_tok, old, ref_lp, context, trace, sums)
+                    self._accumulate(step, batch, mb, trace, sums)
                     self._optimizer_step(step, sums)
                 if trace is not None:
                     records.append(trace.records)
@@ -311,35 +314,21 @@ class Trainer:
                 raise
             raise EntropyLabError(self._nan_message(step, "sampling probabilities (policy logits)")) from None
 
-    def _accumulate(self, step, ro: Rollout, mb, adv_tok, old: dict, ref_lp, context, trace, sums) -> None:
-        """Forward/backward over the micro-batches of mini-batch ``mb``, gradients summed."""
+    def _accumulate(self, step: int, batch: RolloutBatch, mb: torch.Tensor, trace, sums) -> None:
+        """Forward/backward over the micro-batches of mini-batch ``mb`` (b,), gradients summed."""
         cfg = self.cfg
         need = required_inputs(cfg)
-        mask = ro.response_mask.float()  # (B, T)
-        n_tok, n_seq = float(mask[mb].sum()), float(len(mb))  # the mini-batch's normalisers
+        n_tok, n_seq = float(batch.mask[mb].sum()), float(len(mb))  # the mini-batch's normalisers
         micro = cfg.micro_batch_size or len(mb)
         for offset in range(0, len(mb), micro):
             rows = mb[offset : offset + micro]  # (m,)
             logprob, entropy, collision = self._forward_stats(
-                ro, rows, "entropy" in need, "collision" in need
+                batch.rollout, rows, "entropy" in need, "collision" in need
             )
-            out = compute_loss(
-                LossInputs(
-                    logprob=logprob,
-                    old_logprob=old["logprob"][rows],
-                    advantages=adv_tok[rows],
-                    mask=mask[rows],
-                    entropy=entropy,
-                    old_entropy=old["entropy"][rows],
-                    collision=collision,
-                    ref_logprob=None if ref_lp is None else ref_lp[rows],
-                    num_tokens=n_tok,
-                    num_seqs=n_seq,
-                    context=context,
-                    generator=self.loss_gen,
-                ),
-                cfg,
+            inputs = batch.loss_inputs(
+                rows, logprob, entropy, collision, num_tokens=n_tok, num_seqs=n_seq, generator=self.loss_gen
             )
+            out = compute_loss(inputs, cfg)
             if not torch.isfinite(out.loss):
                 raise EntropyLabError(self._nan_message(step, "loss"))
             out.loss.backward()
@@ -391,18 +380,16 @@ class Trainer:
         mask = ro.response_mask.float()
         seq_lp = mean_token_logprob(old["logprob"], mask).view(P, G)
         adv = advantages_for_config(rewards.view(P, G).float(), cfg, seq_lp).reshape(B)  # (B,)
-        adv_tok = adv[:, None] * mask  # (B, T)
-        full = LossInputs(
-            logprob=old["logprob"],
+        batch = RolloutBatch(
+            rollout=ro,
+            rewards=rewards,
+            advantages=adv,
             old_logprob=old["logprob"],
-            advantages=adv_tok,
-            mask=mask,
-            entropy=old["entropy"],
             old_entropy=old["entropy"],
-            collision=old["collision"],
+            old_collision=old["collision"],
             ref_logprob=ref_lp,
         )
-        context = prepare_context(full, cfg)
+        batch.context = prepare_context(batch.full_inputs(), cfg)
         metrics = {
             "step": step,
             "reward/mean": float(rewards.mean()),
@@ -411,7 +398,7 @@ class Trainer:
             "response/length": float(ro.response_lengths.float().mean()),
             "advantage/zero_frac": float((adv == 0).float().mean()),
         }
-        metrics.update(self.update(step, ro, adv_tok, old, ref_lp, context))
+        metrics.update(self.update(step, batch))
         metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
 

@@ -57,6 +57,16 @@ def colors(labels: Iterable[str]) -> dict[str, tuple[float, float, float]]:
     return {label: tuple(palette[i % len(palette)]) for i, label in enumerate(unique)}
 
 
+def extend_colors(
+    palette: dict[str, tuple[float, float, float]], labels: Iterable[str]
+) -> dict[str, tuple[float, float, float]]:
+    """``palette`` plus a colour for each new label (sorted), taking the palette slots after the existing ones."""
+    base = sns.color_palette(PALETTE, n_colors=10)
+    new = sorted({str(label) for label in labels} - set(palette))
+    extra = {label: tuple(base[(len(palette) + i) % len(base)]) for i, label in enumerate(new)}
+    return {**palette, **extra}
+
+
 def series_labels(frame: pd.DataFrame) -> pd.Series:
     """One label per row naming its series: ``method`` and ``run`` joined by " / ", else "all"."""
     columns = [c for c in ("method", "run") if c in frame.columns]

@@ -31,6 +31,7 @@ from entropy_lab.analyses.residuals import FACTORS
 from entropy_lab.analyses.tightness import (
     ESTIMATOR_COLUMNS,
     MEASURED,
+    estimator_columns,
     finite_pairs,
     resolve_estimators,
     tightness_summary,
@@ -47,6 +48,7 @@ from .style import (
     axis_label,
     colors,
     compact_ticks,
+    extend_colors,
     new_figure,
     no_data,
     series_labels,
@@ -102,7 +104,7 @@ def measured_vs_predicted(
             no_data(axes[0])
             return fig
         for ax, name in zip(axes, names, strict=True):
-            measured, predicted = finite_pairs(records, MEASURED, ESTIMATOR_COLUMNS[name])
+            measured, predicted = finite_pairs(records, MEASURED, estimator_columns(records)[name])
             _label(ax, PREDICTED_LABEL, DELTA_H_LABEL)
             if len(measured) == 0:
                 no_data(ax)
@@ -316,7 +318,8 @@ def tightness_over_steps(
             return fig
         frame = table.assign(series=series_labels(table))
         means = frame.groupby(["series", "estimator", "step"], sort=True)[list(metrics)].mean().reset_index()
-        palette = colors(ESTIMATOR_COLUMNS)
+        # Built-ins keep their colours whatever else is present; further estimators take the next ones.
+        palette = extend_colors(colors(ESTIMATOR_COLUMNS), means["estimator"])
         runs = sorted(set(means["series"]))
         styles = {run: LINESTYLES[i % len(LINESTYLES)] for i, run in enumerate(runs)}
         for ax, metric in zip(axes, metrics, strict=True):

@@ -304,3 +304,28 @@ def test_annotations_scalar_rows_and_shape_errors():
     ).all()
     assert (df.loc[rows12, "clip_indicator"] == 0).all() and (df.loc[~rows12, "clip_indicator"] == 1).all()
     assert (df.loc[rows12, "weight"] == 0).all()
+
+
+def test_given_optimizer_is_hooked_instead_of_the_global_pre_step_hook():
+    model = make_tiny_lm(seed=14)
+    ids, attn, resp, adv = batch(seed=14)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.3)
+    n_global = len(_global_optimizer_pre_hooks)
+    with EntropyTracer(model).step(ids, attn, resp, advantages=adv, optimizer=opt) as step:
+        assert len(_global_optimizer_pre_hooks) == n_global and len(opt._optimizer_step_pre_hooks) == 1
+        pg_loss(model(input_ids=ids, attention_mask=attn).logits, ids, resp, adv, resp.sum()).backward()
+        other.step()  # another optimizer's step is not the traced one
+        opt.step()
+    assert len(opt._optimizer_step_pre_hooks) == 0
+    assert step.n_optimizer_steps == 1 and (step.records.lr == 0.1).all()
+    # The global fallback counts every optimizer's step: the other one's learning rate is read.
+    model2 = make_tiny_lm(seed=14)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="2 optimizer steps"):
+        with EntropyTracer(model2).step(ids, attn, resp, advantages=adv) as fallback:
+            pg_loss(model2(input_ids=ids, attention_mask=attn).logits, ids, resp, adv, resp.sum()).backward()
+            other.step()
+            opt2.step()
+    assert (fallback.records.lr == 0.3).all()
+    pd.testing.assert_series_equal(fallback.records.delta_entropy, step.records.delta_entropy)
