@@ -130,6 +130,9 @@ class TrainConfig:
     """auto, cpu or cuda."""
     dtype: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), float32 or bfloat16."""
+    trace_jvp: bool = False
+    """Also record the jvp estimators (omega_jvp, omega_jvp_entropy) in traced steps: the logit change
+    J . dtheta the optimizer's actual step predicts, by one forward-mode pass (about 3x a forward)."""
 
     def replace(self, **overrides) -> TrainConfig:
         """A copy with ``overrides`` applied; unknown keys are one error naming the valid ones."""

@@ -39,13 +39,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.stats import (
-    compute_dtype,
-    entropy_change_stats,
-    resolve_chunk_bytes,
-    rows_per_chunk,
-    token_stats,
-)
+from entropy_lab.stats import _plogp, _weighted_l_dot, compute_dtype, resolve_chunk_bytes, rows_per_chunk
+from entropy_lab.theory import TokenQuantities, register_estimator
 from entropy_lab.update_predict import Update
 
 FIX = (
@@ -121,9 +116,8 @@ def jvp_logits(model: nn.Module, update: Update, **forward_kwargs) -> tuple[torc
     with tangent_parameters(model, update):
         out = model(**forward_kwargs)
         logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V) dual
-        z, dz = fwAD.unpack_dual(logits)[:2]
-        dz = torch.zeros_like(z) if dz is None else dz
-        return z.clone(), dz.clone()
+        z, dz = fwAD.unpack_dual(logits)[:2]  # views that stay valid after the dual level closes
+        return z, torch.zeros_like(z) if dz is None else dz
 
 
 @torch.no_grad()
@@ -145,8 +139,35 @@ def jvp_estimates(
     step = rows_per_chunk(vocab, resolve_chunk_bytes(chunk_bytes, z.device))
     for s in range(0, n, step):
         zb = z[s : s + step].to(cdtype)  # (c, V)
-        za = zb + dz[s : s + step].to(cdtype)  # (c, V) the linearised logits; -inf stays -inf
-        h_after, lin, _ = entropy_change_stats(zb, za, chunk_bytes=chunk_bytes)
-        h_before = token_stats(zb, chunk_bytes=chunk_bytes, check_finite=False).entropy
-        linear[s : s + step], change[s : s + step] = lin, h_after - h_before
+        d = torch.nan_to_num(dz[s : s + step].to(cdtype), nan=0.0)  # (c, V); no tangent at a masked entry
+        # One pass over the old distribution gives H(z) and the linear change ...
+        logp = torch.log_softmax(zb, -1)
+        p = logp.exp()
+        plogp = _plogp(p, logp)
+        h_before = -plogp.sum(-1, keepdim=True)  # (c, 1)
+        linear[s : s + step] = -_weighted_l_dot(p, plogp, h_before, d)
+        # ... and one over the linearised logits z + dz (-inf stays -inf) their entropy.
+        logp = torch.log_softmax(zb + d, -1)
+        change[s : s + step] = -_plogp(logp.exp(), logp).sum(-1) - h_before[:, 0]
     return linear, change
+
+
+# --- the estimators, for the tracer's records ----------------------------------------------
+# The tracer computes both columns at the optimizer pre-step hook when asked (``jvp=True``) and
+# passes them as the token inputs below; without them the estimators are left out of the records.
+
+
+@register_estimator("jvp", requires=("jvp",))
+def omega_jvp(q: TokenQuantities) -> torch.Tensor:
+    """-sum_k pi_k l_k (J dtheta)_k: first order in the logit change the network itself predicts.
+
+    dtheta is the step the optimizer applies (Adam's preconditioning, momentum, weight decay,
+    clipping and the scheduled lr included), so no lr factor is applied here.
+    """
+    return q.inputs["jvp"]
+
+
+@register_estimator("jvp-entropy", requires=("jvp_entropy",))
+def omega_jvp_entropy(q: TokenQuantities) -> torch.Tensor:
+    """H(z + J dtheta) - H(z): the exact entropy of the linearised logits (keeps logit-space curvature)."""
+    return q.inputs["jvp_entropy"]

@@ -74,6 +74,7 @@ from entropy_lab.trace_forward import (
     post_update_pass,
 )
 from entropy_lab.trace_hooks import StepHooks
+from entropy_lab.trace_jvp import record_jvp
 from entropy_lab.trace_records import build_records
 from entropy_lab.trace_rows import Annotations, TracedTokens, take_rows
 
@@ -93,6 +94,8 @@ class EntropyTracer:
         chunk_bytes: bound on one fp32 (chunk, V) temporary in the statistics (None: the device's
             default, see ``entropy_lab.stats.resolve_chunk_bytes``).
         config: stored in the metadata of saved trace files.
+        jvp: also record the ``jvp`` and ``jvp-entropy`` estimators (``entropy_lab.trace_jvp``): one
+            forward-mode pass over the traced rows at the optimizer pre-step hook.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class EntropyTracer:
         chunk_bytes: int | None = None,
         seed: int = 0,
         config: dict | None = None,
+        jvp: bool = False,
     ):
         get_emb = getattr(model, "get_output_embeddings", None)
         if get_emb is None or get_emb() is None:
@@ -119,6 +123,7 @@ class EntropyTracer:
         self.chunk_bytes = chunk_bytes
         self.seed = seed
         self.config = dict(config or {})
+        self.jvp = jvp
 
     @contextlib.contextmanager
     def step(
@@ -269,6 +274,8 @@ class TraceStep:
         if bool(missing.any()):
             self._fill_before(missing)
         self._pre_stats = self.capture.stats()  # checks the logits before the parameters move
+        if self.tracer.jvp:
+            record_jvp(self, optimizer)
 
     def _fill_before(self, token_mask: torch.Tensor) -> None:
         for idx, z in self.forward.traced_logits(token_mask):

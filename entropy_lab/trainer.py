@@ -135,7 +135,11 @@ class Trainer:
             self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm else 1.0
         )
         self.tracer = EntropyTracer(
-            self.model, max_positions=cfg.trace_max_positions or None, seed=cfg.seed, config=cfg.to_dict()
+            self.model,
+            max_positions=cfg.trace_max_positions or None,
+            seed=cfg.seed,
+            config=cfg.to_dict(),
+            jvp=cfg.trace_jvp,
         )
         self.eval_set = self.task.eval_problems(cfg.eval_prompts)
         if not create_run:
