@@ -181,7 +181,8 @@ def test_covariance_identity_and_relations_between_forms():
 
 
 def test_registry_and_quadrants():
-    assert list(ESTIMATORS) == ["paper", "sampled-logit", "softmax", "logit-grad", "covariance"]
+    # the built-ins first, in order; entropy_lab.jvp adds its estimators once imported
+    assert list(ESTIMATORS)[:5] == ["paper", "sampled-logit", "softmax", "logit-grad", "covariance"]
     with pytest.raises(EntropyLabError, match="valid: paper, sampled-logit"):
         get_estimator("nope")
     with pytest.raises(EntropyLabError, match="already registered"):
