@@ -55,6 +55,14 @@ def trace(
         str | None, typer.Option(help="Method for the traced update (default: the run's).")
     ] = None,
     output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    eta_sweep: Annotated[
+        bool,
+        typer.Option(
+            "--eta-sweep",
+            help="Measure the traced tokens' entropy at theta + eta dtheta (eta 1/64 ... 2); per eta each "
+            "estimator's Pearson and gain, the curvature and coupling shares, and linear_regime.png.",
+        ),
+    ] = False,
 ) -> None:
     """Trace one update from a checkpoint (or analyse existing traces); print tightness, factors, quadrants."""
     from entropy_lab.report import report_json, run_report
@@ -63,6 +71,10 @@ def trace(
         raise EntropyLabError(f"--format must be table or json, got {output!r}")
     rd, ckpt_step = locate(run)
     rd.read_config()  # one clear error for a missing or malformed run directory
+    if eta_sweep:
+        from entropy_lab.linear_regime import eta_sweep_command
+
+        return eta_sweep_command(rd, step if step is not None else ckpt_step, output)
     target = rd
     if ckpt_step is not None or step is not None or method is not None or not rd.trace_files():
         from entropy_lab.trainer import trace_checkpoint

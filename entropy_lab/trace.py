@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.linear_regime import record_eta_sweep
 from entropy_lab.records import save_records
 from entropy_lab.stats import TokenStats
 from entropy_lab.trace_capture import PreUpdateCapture
@@ -96,6 +97,8 @@ class EntropyTracer:
         config: stored in the metadata of saved trace files.
         jvp: also record the ``jvp`` and ``jvp-entropy`` estimators (``entropy_lab.trace_jvp``): one
             forward-mode pass over the traced rows at the optimizer pre-step hook.
+        eta_grid: multiples eta of the step at which to also measure the traced tokens' entropy,
+            theta + eta dtheta (``entropy_lab.linear_regime``); the records gain ``regime@`` columns.
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class EntropyTracer:
         seed: int = 0,
         config: dict | None = None,
         jvp: bool = False,
+        eta_grid: tuple[float, ...] | None = None,
     ):
         get_emb = getattr(model, "get_output_embeddings", None)
         if get_emb is None or get_emb() is None:
@@ -124,6 +128,7 @@ class EntropyTracer:
         self.seed = seed
         self.config = dict(config or {})
         self.jvp = jvp
+        self.eta_grid = eta_grid
 
     @contextlib.contextmanager
     def step(
@@ -209,6 +214,7 @@ class TraceStep:
         self.n_optimizer_steps = 0
         self.token_inputs: dict[str, torch.Tensor] = {}
         self._pre_stats: TokenStats | None = None
+        self.extra_columns: dict[str, torch.Tensor] = {}  # (n,) each, appended to the records as they are
 
     def annotate(self, rows: torch.Tensor | list[int] | None = None, **values: torch.Tensor) -> None:
         """Record objective terms for rows of the batch.
@@ -276,6 +282,8 @@ class TraceStep:
         self._pre_stats = self.capture.stats()  # checks the logits before the parameters move
         if self.tracer.jvp:
             record_jvp(self, optimizer)
+        if self.tracer.eta_grid:
+            self.extra_columns.update(record_eta_sweep(self, optimizer, self.tracer.eta_grid))
 
     def _fill_before(self, token_mask: torch.Tensor) -> None:
         for idx, z in self.forward.traced_logits(token_mask):
@@ -315,6 +323,8 @@ class TraceStep:
             update=self.update_index,
             inputs=self.token_inputs,
         )
+        if self.extra_columns:
+            self.records = self.records.assign(**{k: v.cpu().numpy() for k, v in self.extra_columns.items()})
 
     def save(self, path) -> None:
         """Write ``records`` to Parquet with the tracer's config in the metadata."""
