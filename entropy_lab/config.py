@@ -133,6 +133,19 @@ class TrainConfig:
     trace_jvp: bool = False
     """Also record the jvp estimators (omega_jvp, omega_jvp_entropy) in traced steps: the logit change
     J . dtheta the optimizer's actual step predicts, by one forward-mode pass (about 3x a forward)."""
+    controller: str = "none"
+    """Entropy controller consulted before each optimizer step (``entropy_lab.controllers``): none,
+    adaptive-entropy or entropy-target."""
+    entropy_target: float = 0.2
+    """Target token-mean entropy (nats) of the controllers (Skywork-OR1, He et al. 2025: tgt-ent 0.2)."""
+    adaptive_entropy_delta: float = 0.005
+    """adaptive-entropy: step of the entropy-bonus coefficient per update (Skywork-OR1: 0.005)."""
+    entropy_target_kappa: float = 0.5
+    """entropy-target: fraction of the gap to the target closed per update, dH* = kappa (H_target - H)."""
+    entropy_target_scale_min: float = 0.0
+    """entropy-target: smallest scale of either advantage-signed part of the update (0: drop it)."""
+    entropy_target_scale_max: float = 2.0
+    """entropy-target: largest scale of either part (2: at most double it)."""
 
     def replace(self, **overrides) -> TrainConfig:
         """A copy with ``overrides`` applied; unknown keys are one error naming the valid ones."""

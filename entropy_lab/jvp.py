@@ -110,11 +110,11 @@ def tangent_of(x: torch.Tensor) -> torch.Tensor:
 def jvp_logits(model: nn.Module, update: Update, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, dz): the model's logits and their change J . dtheta under ``update``, each (B, T, V).
 
-    ``forward_kwargs`` go to ``model(**forward_kwargs)`` (``input_ids``, ``attention_mask``,
+    ``forward_kwargs`` go to ``model.forward(**forward_kwargs)`` (``input_ids``, ``attention_mask``,
     ``logits_to_keep`` ...).
     """
     with tangent_parameters(model, update):
-        out = model(**forward_kwargs)
+        out = model.forward(**forward_kwargs)  # not __call__: no forward hooks see the dual logits
         logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V) dual
         z, dz = fwAD.unpack_dual(logits)[:2]  # views that stay valid after the dual level closes
         return z, torch.zeros_like(z) if dz is None else dz

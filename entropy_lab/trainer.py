@@ -32,6 +32,7 @@ import torch
 from entropy_lab.advantages import advantages_for_config, mean_token_logprob
 from entropy_lab.batch import RolloutBatch
 from entropy_lab.config import TrainConfig
+from entropy_lab.controllers import build_controller, control_context
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.models import load_policy, warm_start
 from entropy_lab.objectives import compute_loss, prepare_context, required_inputs
@@ -141,6 +142,7 @@ class Trainer:
             config=cfg.to_dict(),
             jvp=cfg.trace_jvp,
         )
+        self.controller = build_controller(cfg)
         self.eval_set = self.task.eval_problems(cfg.eval_prompts)
         if not create_run:
             return
@@ -188,6 +190,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": self._rng_state(),
                 "config": self.cfg.to_dict(),
+                "controller": self.controller.state_dict(),
             },
             tmp / "trainer_state.pt",
         )
@@ -200,6 +203,7 @@ class Trainer:
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.controller.load_state_dict(state.get("controller", {}))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.np_rng.bit_generator.state = rng["numpy"]
@@ -296,6 +300,8 @@ class Trainer:
                 with ctx as trace:
                     self.optimizer.zero_grad(set_to_none=True)
                     self._accumulate(step, batch, mb, trace, sums)
+                    for k, v in self.controller.before_step(control_context(self, batch, mb)).items():
+                        sums[k].append(v)
                     self._optimizer_step(step, sums)
                 if trace is not None:
                     records.append(trace.records)
