@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Annotated
 
@@ -13,6 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.formatting import format_number
+
+CLI_DIGITS = 4
+"""Significant digits of numbers in the commands' tables."""
 
 console = Console()
 if not console.is_terminal:  # piped or captured output: wide tables, nothing truncated at 80 columns
@@ -49,20 +52,6 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def fmt(value, digits: int = 4) -> str:
-    """Compact number formatting for tables: 4 significant digits, NaN as '-'."""
-    if isinstance(value, str):
-        return value
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, (int,)) and not isinstance(value, bool):
-        return str(value)
-    try:
-        return f"{float(value):.{digits}g}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def print_table(df: pd.DataFrame, title: str, columns: list[str] | None = None) -> None:
     """Render ``df`` (selected ``columns``) as a rich table."""
     if df is None or df.empty:
@@ -76,5 +65,5 @@ def print_table(df: pd.DataFrame, title: str, columns: list[str] | None = None) 
             c, justify="left" if df[c].dtype == object else "right", no_wrap=True, min_width=len(c)
         )
     for _, row in df[cols].iterrows():
-        table.add_row(*(fmt(row[c]) for c in cols))
+        table.add_row(*(format_number(row[c], CLI_DIGITS, missing="-") for c in cols))
     console.print(table)

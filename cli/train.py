@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from entropy_lab.analyses import run_summary
-from entropy_lab.cli.common import SetOption, console, fmt, friendly_errors, quiet_transformers
+from entropy_lab.cli.common import SetOption, console, friendly_errors, quiet_transformers
 from entropy_lab.cli.progress import TrainProgress
 from entropy_lab.config import parse_overrides
+from entropy_lab.formatting import format_number
 from entropy_lab.methods import resolve_config
 
 
@@ -57,8 +58,8 @@ def run_training(
         metrics = Trainer(cfg, out, resume=resume, overwrite=overwrite, callback=progress).train()
     s = run_summary(metrics).iloc[0]  # start = first step, final = mean of the last 10% of steps
     console.print(
-        f"[bold]{out}[/]: entropy {fmt(s['initial_entropy'], 3)} -> {fmt(s['final_entropy'], 3)} nats, "
-        f"reward {fmt(s['initial_reward'], 3)} -> {fmt(s['final_reward'], 3)} (first step -> mean of last 10%)"
+        f"[bold]{out}[/]: entropy {format_number(s['initial_entropy'], 3, '-')} -> {format_number(s['final_entropy'], 3, '-')} nats, "
+        f"reward {format_number(s['initial_reward'], 3, '-')} -> {format_number(s['final_reward'], 3, '-')} (first step -> mean of last 10%)"
     )
     return out
 

@@ -214,6 +214,22 @@ def omega_covariance(q: TokenQuantities) -> torch.Tensor:
     return -q.lr * centred_lp * centred_a / q.normalizer
 
 
+@register_estimator("paper-appendix")
+def omega_paper_appendix(q: TokenQuantities) -> torch.Tensor:
+    """-eta w (1 - pi_a)^2 l_a: the per-sample term of the STEER paper's expectation form.
+
+    The paper's appendix writes the expected entropy change as an expectation over a ~ pi of
+    -eta r A (1 - pi_a)^2 (log pi_a + H). Reading: dH = -E_{k~pi}[l_k d log pi_k] holds exactly
+    to first order; keep only the drawn token's own change d log pi_a = (1 - pi_a) dz_a with
+    dz_a = eta w (1 - pi_a) (only the sampled logit moves), and let the draw a ~ pi stand in
+    for the expectation. Per token this is ``paper`` times (1 - pi_a), and ``sampled-logit``
+    times (1 - pi_a) / pi_a: it drops the renormalisation of the other log-probabilities
+    (-pi_a dz_a each), so it is not the first-order change in the tabular model.
+    """
+    p = q.prob
+    return -q.lr * q.weight * (1 - p) ** 2 * q.l_a
+
+
 def predict_all(q: TokenQuantities) -> dict[str, torch.Tensor]:
     """Every registered estimator whose required inputs ``q`` has: name -> (n,) omega."""
     return {name: spec(q) for name, spec in ESTIMATORS.items() if not spec.missing(q)}

@@ -19,7 +19,6 @@ import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
@@ -114,9 +113,3 @@ def compact_ticks(ax: Axes, which: str = "y") -> None:
     for axis in axes:
         axis.set_major_locator(MaxNLocator(5))
         axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:.2g}"))
-
-
-def finite(values: Iterable[float] | np.ndarray | pd.Series) -> np.ndarray:
-    """Values as a float array with NaN and infinities removed."""
-    array = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    return array[np.isfinite(array)]

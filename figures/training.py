@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from entropy_lab.analyses.compare import ENTROPY, REWARD, curves, label_runs, pass_at_k_columns, t_interval
 from entropy_lab.analyses.tightness import MEASURED
+from entropy_lab.formatting import finite_values
 
 from .style import (
     BATCH,
@@ -33,7 +34,6 @@ from .style import (
     axis_label,
     colors,
     compact_ticks,
-    finite,
     new_figure,
     no_data,
     series_labels,
@@ -77,7 +77,7 @@ def training_curves(
             if (
                 column not in metrics.columns
                 or "step" not in metrics.columns
-                or not len(finite(metrics[column]))
+                or not len(finite_values(metrics[column]))
             ):
                 no_data(ax)
                 continue
@@ -118,7 +118,7 @@ def entropy_change_distribution(records: pd.DataFrame) -> Figure:
         step_ax.set_ylabel(axis_label("|mean ΔH| of a step", "nats", BATCH))
         token_ax.set_title("per token")
         step_ax.set_title("per step (mean over traced tokens)")
-        if MEASURED not in records.columns or not len(finite(records[MEASURED])):
+        if MEASURED not in records.columns or not len(finite_values(records[MEASURED])):
             no_data(token_ax)
             no_data(step_ax)
             return fig
@@ -127,7 +127,7 @@ def entropy_change_distribution(records: pd.DataFrame) -> Figure:
         palette = colors(methods)
         drawn = False
         for method in methods:
-            values = np.abs(finite(records.loc[labels == method, MEASURED]))
+            values = np.abs(finite_values(records.loc[labels == method, MEASURED]))
             values = np.sort(values[values > 0])
             if len(values):
                 fraction = np.arange(1, len(values) + 1) / len(values)
@@ -234,15 +234,15 @@ def steer_weight_distribution(records: pd.DataFrame, bins: int = 40) -> Figure:
         ax.set_xlabel(axis_label("intervention weight λ", "multiplier", TOKEN))
         ax.set_ylabel(axis_label("tokens per bin", "fraction", TOKEN))
         column = "intervention_weight"
-        if column not in records.columns or not len(finite(records[column])):
+        if column not in records.columns or not len(finite_values(records[column])):
             no_data(ax)
             return fig
         labels = series_labels(records)
         methods = sorted(set(labels))
         palette = colors(methods)
-        edges = np.histogram_bin_edges(finite(records[column]), bins=bins)
+        edges = np.histogram_bin_edges(finite_values(records[column]), bins=bins)
         for method in methods:
-            values = finite(records.loc[labels == method, column])
+            values = finite_values(records.loc[labels == method, column])
             if len(values):
                 ax.hist(
                     values,

@@ -290,3 +290,59 @@ def test_markdown_table_and_number_format():
         "| c | 40 | n/a |",
     ]
     assert format_number(0.123456) == "0.123" and format_number(None) == "n/a"
+
+
+def test_a_registered_report_entry_reaches_tables_figures_sections_and_json(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from entropy_lab import report_entries
+    from entropy_lab.report_entries import (
+        REPORT_ENTRIES,
+        FigureSpec,
+        ReportEntry,
+        Section,
+        SectionContext,
+        register_report_entry,
+        trace_sections,
+        write_trace_figures,
+    )
+
+    def tokens_per_step(records, estimator):
+        return records.groupby("step", as_index=False).size().rename(columns={"size": "tokens"})
+
+    def draw(records, tables):
+        fig, ax = plt.subplots()
+        ax.bar(tables["tokens_per_step"]["step"], tables["tokens_per_step"]["tokens"])
+        return fig
+
+    saved = []
+
+    def save_stub(fig, stem):  # no rendering: only which figures would be written
+        plt.close(fig)
+        saved.append(stem.name)
+        return [stem.with_suffix(".png")]
+
+    monkeypatch.setattr(report_entries.figures, "save_figure", save_stub)
+    register_report_entry(
+        ReportEntry(
+            "tokens_per_step",
+            table=tokens_per_step,
+            figure=FigureSpec("tokens_per_step", draw),
+            section=Section("Tokens per step", "Traced tokens of each step.", figures=("tokens_per_step",)),
+        )
+    )
+    try:
+        records = pd.concat([synthetic_records(s, 0, False) for s in TRACE_STEPS], ignore_index=True)
+        tables = trace_tables(records)
+        assert tables["tokens_per_step"]["tokens"].tolist() == [TOKENS_PER_STEP] * len(TRACE_STEPS)
+        written = write_trace_figures(records, tables, tmp_path)
+        assert saved[-1] == "tokens_per_step" and "measured_vs_predicted" in saved
+        links = {p.stem: f"![{p.stem}]({p.name})" for p in written}
+        text = "\n".join(trace_sections(SectionContext(records, tables, links, "softmax")))
+        assert text.index("## Decomposition") < text.index("## Tokens per step")  # after the built-ins
+        assert table_column(text, str(TRACE_STEPS[0]), "tokens") == str(TOKENS_PER_STEP)
+        assert "![tokens_per_step](tokens_per_step.png)" in text
+        assert report_json(tables)["tokens_per_step"][0] == {"step": 5, "tokens": TOKENS_PER_STEP}
+    finally:
+        REPORT_ENTRIES.remove("tokens_per_step")
+    assert "tokens_per_step" not in trace_tables(synthetic_records(5, 0, False))
