@@ -140,7 +140,7 @@ class TrainConfig:
     """Target token-mean entropy (nats) of the controllers (Skywork-OR1, He et al. 2025: tgt-ent 0.2)."""
     adaptive_entropy_delta: float = 0.005
     """adaptive-entropy: step of the entropy-bonus coefficient per update (Skywork-OR1: 0.005)."""
-    entropy_target_kappa: float = 0.5
+    entropy_target_kappa: float = 0.1
     """entropy-target: fraction of the gap to the target closed per update, dH* = kappa (H_target - H)."""
     entropy_target_scale_min: float = 0.0
     """entropy-target: smallest scale of either advantage-signed part of the update (0: drop it)."""

@@ -15,7 +15,8 @@ and returns metrics. Its state (``state_dict``) is checkpointed with the trainer
   forward-mode JVPs give the first-order batch entropy change h0 + a+ h+ + a- h- of every mix.
   The controller picks the mix closest to (1, 1) whose predicted change equals
   dH* = kappa (H_target - H) (``choose_scales``), bounded to [scale_min, scale_max], and
-  sets .grad = a+ g+ + a- g-. The loss is otherwise untouched.
+  sets .grad = a+ g+ + a- g-. The loss is otherwise untouched. The trainer's gradient clip, which
+  follows, is part of the prediction: once it is active only the direction of the mix steers.
 
 Adam: its step is not linear in the gradient. For the prediction the controller holds
 Adam's preconditioner fixed at the one this step will use with the unscaled gradient
@@ -29,9 +30,8 @@ the gradient, so there the prediction is exact to first order.
 Deliberate simplifications (entropy-target): g+ is the gradient of the plain policy-gradient
 term of the A > 0 tokens, -(1/N) sum A log pi (N = response tokens of the mini-batch): the
 PPO-clip gradient at ratio 1 (first epoch, one mini-batch), so g- = g - g+ carries every
-other term (negative advantages, KL, entropy terms). The gradient clip that follows
-rescales the mixed gradient; the prediction ignores that rescaling. Entropy is the token
-mean over the mini-batch's response tokens.
+other term (negative advantages, KL, entropy terms). Entropy is the token mean over the
+mini-batch's response tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -152,18 +153,42 @@ class AdaptiveEntropy(Controller):
 
 
 def choose_scales(
-    h0: float, h_plus: float, h_minus: float, dh_star: float, lo: float, hi: float
+    h0: float,
+    h_plus: float,
+    h_minus: float,
+    dh_star: float,
+    lo: float,
+    hi: float,
+    *,
+    gram: tuple[float, float, float] | None = None,
+    clip: float = float("inf"),
 ) -> tuple[float, float]:
-    """The scales (a+, a-) closest to (1, 1) with h0 + a+ h+ + a- h- = dh_star, each clipped to [lo, hi].
+    """The scales (a+, a-) in [lo, hi] whose predicted change h0 + c (a+ h+ + a- h-) is nearest dh_star.
 
-    Closed form of min |a - 1|^2 subject to the linear constraint: a = 1 + lam (h+, h-), lam =
-    (dh_star - h0 - h+ - h-) / (h+^2 + h-^2). With h+ = h- = 0 nothing can be steered: (1, 1).
+    Without clipping (c = 1): the closed form of min |a - 1|^2 subject to the linear constraint,
+    a = 1 + lam (h+, h-), lam = (dh_star - h0 - h+ - h-) / (h+^2 + h-^2), each clipped to [lo, hi];
+    with h+ = h- = 0 nothing can be steered: (1, 1).
+
+    With a gradient-norm clip after the mix (``gram`` = (|g+|^2, <g+, g->, |g-|^2), ``clip`` the max
+    norm), c = min(1, clip / |a+ g+ + a- g-|) rescales the mixed part, so only the direction of the
+    mix steers once c < 1: a 81 x 81 grid over [lo, hi]^2, nearest prediction first, then nearest (1, 1).
     """
     norm = h_plus**2 + h_minus**2
     if not norm > 0:
         return 1.0, 1.0
-    lam = (dh_star - h0 - h_plus - h_minus) / norm
-    return min(hi, max(lo, 1 + lam * h_plus)), min(hi, max(lo, 1 + lam * h_minus))
+    if gram is None or not np.isfinite(clip):
+        lam = (dh_star - h0 - h_plus - h_minus) / norm
+        return min(hi, max(lo, 1 + lam * h_plus)), min(hi, max(lo, 1 + lam * h_minus))
+    grid = np.linspace(lo, hi, 81)
+    ap, am = np.meshgrid(grid, grid, indexing="ij")  # (81, 81)
+    gpp, gpm, gmm = gram
+    mix_norm = np.sqrt(np.maximum(ap**2 * gpp + 2 * ap * am * gpm + am**2 * gmm, 0.0))
+    c = np.minimum(1.0, clip / np.maximum(mix_norm, 1e-30))
+    miss = np.abs(h0 + c * (ap * h_plus + am * h_minus) - dh_star)
+    near = miss <= miss.min() + 1e-3 * abs(dh_star) + 1e-15
+    dist = np.where(near, (ap - 1) ** 2 + (am - 1) ** 2, np.inf)
+    i, j = np.unravel_index(int(np.argmin(dist)), dist.shape)
+    return float(ap[i, j]), float(am[i, j])
 
 
 def update_parts(optimizer: torch.optim.Optimizer, parts: list[dict]) -> tuple[Update, list[Update]]:
@@ -255,9 +280,23 @@ class EntropyTarget(Controller):
         c0, (c_plus, c_minus) = update_parts(ctx.optimizer, [plus, minus])
         h0, hp, hm = (predicted_mean_change(ctx, u) for u in (c0, c_plus, c_minus))
         dh_star = cfg.entropy_target_kappa * (cfg.entropy_target - h)
-        a_plus, a_minus = choose_scales(
-            h0, hp, hm, dh_star, cfg.entropy_target_scale_min, cfg.entropy_target_scale_max
+        gram = tuple(
+            float(sum((a[p].double() * b[p].double()).sum() for p in params))
+            for a, b in ((plus, plus), (plus, minus), (minus, minus))
         )
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        a_plus, a_minus = choose_scales(
+            h0,
+            hp,
+            hm,
+            dh_star,
+            cfg.entropy_target_scale_min,
+            cfg.entropy_target_scale_max,
+            gram=gram,
+            clip=clip,
+        )
+        mixed_norm = (a_plus**2 * gram[0] + 2 * a_plus * a_minus * gram[1] + a_minus**2 * gram[2]) ** 0.5
+        c = min(1.0, clip / mixed_norm) if mixed_norm > 0 else 1.0
         for p in params:
             p.grad = a_plus * plus[p] + a_minus * minus[p]
         return {
@@ -265,6 +304,6 @@ class EntropyTarget(Controller):
             "control/target": cfg.entropy_target,
             "control/alpha_plus": a_plus,
             "control/alpha_minus": a_minus,
-            "control/predicted_dH": h0 + a_plus * hp + a_minus * hm,
+            "control/predicted_dH": h0 + c * (a_plus * hp + a_minus * hm),
             "control/wanted_dH": dh_star,
         }

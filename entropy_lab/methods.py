@@ -158,11 +158,11 @@ for _m in (
     Method(
         "entropy-target",
         "scales of the A>0 / A<0 update parts chosen by JVP prediction so entropy moves toward 0.2 "
-        "(kappa 0.5, scales in [0, 2])",
+        "(kappa 0.1, scales in [0, 2])",
         _preset(
             controller="entropy-target",
             entropy_target=0.2,
-            entropy_target_kappa=0.5,
+            entropy_target_kappa=0.1,
             entropy_target_scale_min=0.0,
             entropy_target_scale_max=2.0,
         ),

@@ -39,6 +39,19 @@ def test_choose_scales_hits_the_wanted_change_closest_to_one():
     assert choose_scales(0.3, 0.0, 0.0, dh_star=-1.0, lo=0.0, hi=2.0) == (1.0, 1.0)  # nothing to steer
 
 
+def test_choose_scales_under_an_active_clip_steers_by_direction():
+    gram, clip = (1.0, 0.0, 1.0), 0.5  # |g+| = |g-| = 1, orthogonal; the mix is clipped to norm 0.5
+
+    def predicted(a_p, a_m):
+        c = min(1.0, clip / (a_p**2 * gram[0] + 2 * a_p * a_m * gram[1] + a_m**2 * gram[2]) ** 0.5)
+        return c * (a_p * 1.0 + a_m * -1.0)
+
+    a_p, a_m = choose_scales(0.0, 1.0, -1.0, dh_star=0.2, lo=0.0, hi=2.0, gram=gram, clip=clip)
+    assert predicted(a_p, a_m) == pytest.approx(0.2, abs=0.01)
+    # a common scale alone cannot do it: (1, 1) and (2, 2) both predict 0
+    assert predicted(2.0, 2.0) == predicted(1.0, 1.0) == 0.0
+
+
 def _ctx(model, opt, ids, resp, adv, cfg):
     return ControlContext(
         model=model,
@@ -129,6 +142,7 @@ def test_entropy_target_moves_entropy_by_the_wanted_amount_on_the_tabular_policy
         entropy_target_kappa=1.0,
         entropy_target_scale_min=-50,
         entropy_target_scale_max=50,
+        grad_clip=0.0,  # no clip: the closed-form choice
     )
     _grads(model, ids, resp, adv)
     metrics = EntropyTarget(cfg).before_step(_ctx(model, opt, ids, resp, adv, cfg))
