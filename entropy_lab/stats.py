@@ -35,6 +35,7 @@ class TokenStats:
     logprob: torch.Tensor | None
     collision: torch.Tensor
     direction_dot: torch.Tensor | None = None  # sum_k pi_k l_k d_k when a direction d was given
+    logsumexp: torch.Tensor | None = None  # log sum_k exp z_k, so that log pi = z - logsumexp
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,7 +55,28 @@ def rows_per_chunk(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> i
 
 
 def _chunk_stats(z: torch.Tensor, targets: torch.Tensor | None, direction: torch.Tensor | None = None):
-    """z: (n, V) logits in compute dtype -> (H, logprob, C, dot), each (n,); dot needs ``direction``."""
+    """z: (n, V) logits in compute dtype -> (H, logprob, C, dot, logsumexp), each (n,); dot needs ``direction``.
+
+    The fast path: every row with finite logits (and a finite direction) comes out finite and
+    exact to rounding; a row with -inf logits (masked vocabulary) or a non-finite direction gives
+    NaN or inf here and is recomputed by the caller with ``_chunk_stats_exact``.
+    """
+    logp = torch.log_softmax(z, dim=-1)  # (n, V)
+    p = torch.softmax(z, dim=-1)  # (n, V); on CPU cheaper than logp.exp()
+    w = p * logp  # (n, V) p log p, NaN where p = 0 and logp = -inf
+    entropy = -w.sum(-1)  # (n,)
+    w.addcmul_(p, entropy[:, None])  # (n, V) p (log p + H) = p l
+    # C = sum p^2 l and dot = sum p l d: both reuse w, no further (n, V) temporaries.
+    dot = None if direction is None else (direction.to(z.dtype) * w).sum(-1)
+    collision = w.mul_(p).sum(-1)  # (n,)
+    logprob = None if targets is None else logp.gather(-1, targets[:, None]).squeeze(-1)
+    # log_softmax peaks where z does, at 0 - log sum exp(z - max): max z minus it is exact.
+    logsumexp = z.amax(-1) - logp.amax(-1)
+    return entropy, logprob, collision, dot, logsumexp
+
+
+def _chunk_stats_exact(z: torch.Tensor, targets: torch.Tensor | None, direction: torch.Tensor | None = None):
+    """``_chunk_stats`` that also holds for -inf logits (0 log 0 = 0) and non-finite directions."""
     logp = torch.log_softmax(z, dim=-1)  # (n, V)
     p = logp.exp()  # (n, V)
     plogp = _plogp(p, logp)  # (n, V)
@@ -63,7 +85,18 @@ def _chunk_stats(z: torch.Tensor, targets: torch.Tensor | None, direction: torch
     collision = (p * plogp).sum(-1) + entropy * (p * p).sum(-1)  # (n,)
     logprob = None if targets is None else logp.gather(-1, targets[:, None]).squeeze(-1)
     dot = None if direction is None else _weighted_l_dot(p, plogp, entropy[:, None], direction.to(z.dtype))
-    return entropy, logprob, collision, dot
+    logsumexp = z.amax(-1) - logp.amax(-1)
+    return entropy, logprob, collision, dot, logsumexp
+
+
+def _nonfinite_rows(*values: torch.Tensor | None) -> torch.Tensor:
+    """Indices of the rows where any of the (n,) ``values`` is NaN or infinite."""
+    bad = None
+    for v in values:
+        if v is not None:
+            b = ~torch.isfinite(v)
+            bad = b if bad is None else bad | b
+    return bad.nonzero(as_tuple=True)[0]
 
 
 def _plogp(p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -105,12 +138,16 @@ def token_stats(
         direction: (..., V) or None; when given, ``direction_dot`` is ``entropy_gradient_dot``
             of the logits along it, from the same pass over the vocabulary.
 
+    Returns ``TokenStats`` with ``logsumexp`` always filled: with it and ``entropy``,
+    ``entropy_change_stats`` skips one log-softmax and one entropy pass over the same logits.
+
     Naive equivalent (one full fp32 copy per line)::
 
         logp = logits.float().log_softmax(-1)                       # (..., V)
         H = -(logp.exp() * logp).sum(-1)
         C = (logp.exp() ** 2 * (logp + H[..., None])).sum(-1)
         logprob = logp.gather(-1, targets[..., None])[..., 0]
+        logsumexp = logits.float().logsumexp(-1)
     """
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise EntropyLabError(
@@ -136,24 +173,33 @@ def token_stats(
     logprob = None if targets is None else torch.empty(n, dtype=cdtype, device=logits.device)
     flat_d = None if direction is None else direction.reshape(-1, vocab)  # (N, V)
     dot = None if direction is None else torch.empty(n, dtype=cdtype, device=logits.device)
+    lse = torch.empty(n, dtype=cdtype, device=logits.device)
+    outputs = (entropy, logprob, collision, dot, lse)
     step = rows_per_chunk(vocab, resolve_chunk_bytes(chunk_bytes, logits.device))
-    for s in range(0, n, step):
-        z = flat[s : s + step].to(cdtype)  # (n_c, V)
-        h, lp, c, d = _chunk_stats(
-            z,
-            None if flat_t is None else flat_t[s : s + step],
-            None if flat_d is None else flat_d[s : s + step],
+
+    def fill(fn, rows: slice | torch.Tensor) -> None:
+        values = fn(
+            flat[rows].to(cdtype),  # (n_c, V)
+            None if flat_t is None else flat_t[rows],
+            None if flat_d is None else flat_d[rows],
         )
-        entropy[s : s + step], collision[s : s + step] = h, c
-        if logprob is not None:
-            logprob[s : s + step] = lp
-        if dot is not None:
-            dot[s : s + step] = d
+        for out, value in zip(outputs, values, strict=True):
+            if out is not None:
+                out[rows] = value
+
+    for s in range(0, n, step):
+        fill(_chunk_stats, slice(s, s + step))
+    # Rows the fast path could not take (masked vocabulary, non-finite direction): one check
+    # per call, not per chunk, so a GPU synchronises once.
+    redo = _nonfinite_rows(entropy, collision, dot)
+    for s in range(0, len(redo), step):
+        fill(_chunk_stats_exact, redo[s : s + step])
     return TokenStats(
         entropy=entropy.reshape(lead),
         logprob=None if logprob is None else logprob.reshape(lead),
         collision=collision.reshape(lead),
         direction_dot=None if dot is None else dot.reshape(lead),
+        logsumexp=lse.reshape(lead),
     )
 
 
@@ -205,12 +251,20 @@ def _weighted_l_dot(p: torch.Tensor, plogp: torch.Tensor, h: torch.Tensor, d: to
 
 @torch.no_grad()
 def entropy_change_stats(
-    before: torch.Tensor, after: torch.Tensor, *, chunk_bytes: int | None = None
+    before: torch.Tensor,
+    after: torch.Tensor,
+    *,
+    before_logsumexp: torch.Tensor | None = None,
+    before_entropy: torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Entropy after an update and the first-order change along the actual logit change, one pass.
 
     Args:
         before, after: (n, V) logits of the same positions before and after the update.
+        before_logsumexp, before_entropy: (n,) each, or None: ``token_stats(before)``'s
+            ``logsumexp`` and ``entropy``, when the caller has them from its pre-update pass.
+            Given both, the pre-update side costs no log-softmax and no entropy pass here.
     Returns:
         (entropy_after (n,), linear (n,), changed): ``linear = -sum_k pi_k l_k (after - before)_k``
         at the ``before`` distribution, with NaN logit differences (an entry masked with -inf on
@@ -226,23 +280,65 @@ def entropy_change_stats(
         raise EntropyLabError(
             f"entropy_change_stats needs two (n, V) tensors of one shape, got {tuple(before.shape)} and {tuple(after.shape)}"
         )
-    cdtype = compute_dtype(torch.promote_types(before.dtype, after.dtype))
     n, vocab = before.shape
+    if (before_logsumexp is None) != (before_entropy is None):
+        raise EntropyLabError(
+            "entropy_change_stats needs before_logsumexp and before_entropy together, or neither"
+        )
+    for name, v in (("before_logsumexp", before_logsumexp), ("before_entropy", before_entropy)):
+        if v is not None and tuple(v.shape) != (n,):
+            raise EntropyLabError(f"{name} must have shape ({n},) like before's rows, got {tuple(v.shape)}")
+    cdtype = compute_dtype(torch.promote_types(before.dtype, after.dtype))
     entropy_after = torch.empty(n, dtype=cdtype, device=before.device)
     linear = torch.empty(n, dtype=cdtype, device=before.device)
     changed = False
     step = rows_per_chunk(vocab, resolve_chunk_bytes(chunk_bytes, before.device))
     for s in range(0, n, step):
         za, zb = after[s : s + step].to(cdtype), before[s : s + step].to(cdtype)  # (n_c, V)
-        logp = torch.log_softmax(za, -1)
-        entropy_after[s : s + step] = -_plogp(logp.exp(), logp).sum(-1)
-        dz = torch.nan_to_num_(za - zb, nan=0.0)  # -inf - -inf: an entry masked on both sides, no change
-        changed = changed or bool(dz.ne(0).any())  # one pass, only until a change is found
-        logp = torch.log_softmax(zb, -1)
-        p = logp.exp()
-        plogp = _plogp(p, logp)
-        linear[s : s + step] = -_weighted_l_dot(p, plogp, -plogp.sum(-1, keepdim=True), dz)
+        lse = None if before_logsumexp is None else before_logsumexp[s : s + step].to(cdtype)
+        h = None if before_entropy is None else before_entropy[s : s + step].to(cdtype)
+        h_a, lin, dz = _change_fast(za, zb, lse, h)
+        entropy_after[s : s + step], linear[s : s + step] = h_a, lin
+        # -inf - -inf is NaN where a masked entry stays masked: no change there. Checked only
+        # until a change is found (the first chunk, in practice).
+        changed = changed or bool(torch.nan_to_num(dz, nan=0.0).any())
+    # Rows with -inf logits come out NaN or inf on the fast path: redo them exactly, once per call.
+    redo = _nonfinite_rows(entropy_after, linear)
+    for s in range(0, len(redo), step):
+        rows = redo[s : s + step]
+        h_a, lin = _change_exact(after[rows].to(cdtype), before[rows].to(cdtype))
+        entropy_after[rows], linear[rows] = h_a, lin
     return entropy_after, linear, changed
+
+
+def _change_fast(za, zb, lse, h):
+    """(H_after, linear, dz) of one chunk; exact to rounding where every logit is finite.
+
+    za, zb: (n, V) after and before; lse, h: (n,) log-sum-exp and entropy of ``zb``, or None.
+    """
+    logp = torch.log_softmax(za, -1)  # (n, V)
+    h_after = -torch.softmax(za, -1).mul_(logp).sum(-1)  # (n,); softmax: cheaper than exp on CPU
+    dz = za - zb  # (n, V)
+    if lse is None:
+        logp_b = torch.log_softmax(zb, -1)  # (n, V)
+        p_b = torch.softmax(zb, -1)
+        h = -(p_b * logp_b).sum(-1)
+    else:
+        logp_b = zb - lse[:, None]  # (n, V) log pi before, from the pre-update pass's log-sum-exp
+        p_b = torch.softmax(zb, -1)
+    w = logp_b.add_(h[:, None]).mul_(p_b)  # (n, V) pi_k l_k
+    return h_after, -w.mul_(dz).sum(-1), dz
+
+
+def _change_exact(za, zb):
+    """``_change_fast`` that also holds for -inf logits (0 log 0 = 0, masked-on-both-sides = no change)."""
+    logp = torch.log_softmax(za, -1)
+    h_after = -_plogp(logp.exp(), logp).sum(-1)
+    dz = torch.nan_to_num_(za - zb, nan=0.0)
+    logp = torch.log_softmax(zb, -1)
+    p = logp.exp()
+    plogp = _plogp(p, logp)
+    return h_after, -_weighted_l_dot(p, plogp, -plogp.sum(-1, keepdim=True), dz)
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

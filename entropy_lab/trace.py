@@ -304,7 +304,9 @@ class TraceStep:
         pre = self._pre_stats or self.capture.stats()
         z_before = self.capture.z_before
         assert z_before is not None
-        entropy_after, linear, changed = post_update_pass(self.forward, z_before, self.tracer.chunk_bytes)
+        entropy_after, linear, changed = post_update_pass(
+            self.forward, z_before, self.tracer.chunk_bytes, pre
+        )
         if not changed and self.n_optimizer_steps > 0:
             warnings.warn(
                 "the optimizer step left every traced logit unchanged (all advantages zero?): "

@@ -79,7 +79,7 @@ class PreUpdateCapture:
         return hook
 
     def _store_pre(self, token_idx: torch.Tensor, st: TokenStats) -> None:
-        for key in ("entropy", "logprob", "collision"):
+        for key in ("entropy", "logprob", "collision", "logsumexp"):  # logsumexp: for the post-update pass
             value = getattr(st, key)
             if key not in self._pre_parts:
                 self._pre_parts[key] = torch.empty(self.tokens.n, dtype=value.dtype, device=value.device)

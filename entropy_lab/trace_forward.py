@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from entropy_lab.stats import entropy_change_stats
+from entropy_lab.stats import TokenStats, entropy_change_stats
 from entropy_lab.trace_rows import TracedTokens, take_rows
 
 
@@ -140,12 +140,15 @@ class OwnForward:
 
 
 def post_update_pass(
-    forward: OwnForward, z_before: torch.Tensor, chunk_bytes: int | None
+    forward: OwnForward, z_before: torch.Tensor, chunk_bytes: int | None, pre: TokenStats | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One forward after the update: (entropy_after (n,), delta_logit_linear (n,), whether any logit moved).
 
     delta_logit_linear = -sum_k pi_k l_k (z_after - z_before)_k, first order in the actual logit change.
+    ``pre``: the pre-update statistics of the traced tokens; their log-sum-exp and entropy spare
+    the pass a log-softmax and an entropy of ``z_before``.
     """
+    use_pre = pre is not None and pre.logsumexp is not None
     tokens = forward.tokens
     n = z_before.shape[0]
     entropy_after = torch.empty(n, dtype=torch.float64, device=z_before.device)
@@ -155,7 +158,13 @@ def post_update_pass(
         tokens.check_finite(z_a, "post-update", idx)
         # One pass per chunk: entropy after, and the first-order change along dz = z_a - z_b
         # (-inf - -inf is NaN where a masked vocabulary stays masked: no change there).
-        h_after, lin, changed = entropy_change_stats(take_rows(z_before, idx), z_a, chunk_bytes=chunk_bytes)
+        h_after, lin, changed = entropy_change_stats(
+            take_rows(z_before, idx),
+            z_a,
+            before_logsumexp=take_rows(pre.logsumexp, idx) if use_pre else None,
+            before_entropy=take_rows(pre.entropy, idx) if use_pre else None,
+            chunk_bytes=chunk_bytes,
+        )
         entropy_after[idx], linear[idx] = h_after.double(), lin.double()
         changed_any = changed_any or changed
     return entropy_after, linear, changed_any

@@ -173,3 +173,95 @@ def test_unchanged_warning_fires_with_a_masked_vocabulary():
         with EntropyTracer(model).step(ids, None, resp, advantages=torch.zeros(2)):
             model(input_ids=ids)
             opt.step()
+
+
+def naive_direction_dot(logits, direction):
+    """sum_k p_k (log p_k + H) d_k in float64, 0 where p_k = 0 (DESIGN's -dH/dz . d)."""
+    logp = logits.double().log_softmax(-1)
+    p = logp.exp()
+    H = -torch.where(p > 0, p * logp, torch.zeros((), dtype=torch.float64)).sum(-1, keepdim=True)
+    terms = torch.where(p > 0, p * (logp + H) * direction.double(), torch.zeros((), dtype=torch.float64))
+    return terms.sum(-1)
+
+
+def mixed_logits(n=12, V=23, seed=7, dtype=torch.float32):
+    """Rows of every kind the fast path must handle or hand to the exact one: plain, peaked,
+    masked vocabulary (-inf), one-hot in effect."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    z[1] *= 30  # peaked
+    z[2, :5] = -float("inf")  # masked vocabulary
+    z[3, 4] = 1e4  # one-hot in effect
+    z[5, ::2] = -float("inf")
+    return z.to(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-5), (torch.float64, 1e-12)]
+)
+@pytest.mark.parametrize("chunk_bytes", [1, 300, 2**20])
+def test_fused_statistics_match_naive_on_mixed_rows(dtype, atol, chunk_bytes):
+    """The fast path (finite rows) and the exact fallback (masked rows) give the naive values,
+    logsumexp and direction dot included, whichever rows share a chunk."""
+    z = mixed_logits(dtype=dtype)
+    g = torch.Generator().manual_seed(8)
+    d = torch.randn(z.shape, generator=g, dtype=torch.float64).to(dtype)
+    targets = torch.randint(0, z.shape[1], (z.shape[0],), generator=g)
+    targets[2] = 7  # not masked
+    s = token_stats(z, targets, direction=d, chunk_bytes=chunk_bytes)
+    H, lp, C = naive(z, targets)
+    torch.testing.assert_close(s.entropy.double(), H, atol=atol, rtol=0)
+    torch.testing.assert_close(s.logprob.double(), lp, atol=atol, rtol=1e-6)  # row 3: log p ~ -1e4
+    torch.testing.assert_close(s.collision.double(), C, atol=atol, rtol=0)
+    torch.testing.assert_close(s.direction_dot.double(), naive_direction_dot(z, d), atol=10 * atol, rtol=0)
+    torch.testing.assert_close(s.logsumexp.double(), z.double().logsumexp(-1), atol=atol, rtol=1e-6)
+
+
+def test_direction_with_inf_where_probability_is_zero():
+    """A direction that is infinite only at masked entries (p = 0) contributes nothing there."""
+    z = mixed_logits(dtype=torch.float64)
+    d = torch.randn(z.shape, dtype=torch.float64)
+    d[2, :5] = float("inf")
+    d[5, ::2] = -float("inf")
+    s = token_stats(z, direction=d, chunk_bytes=64)
+    assert torch.isfinite(s.direction_dot).all()
+    torch.testing.assert_close(
+        s.direction_dot, naive_direction_dot(z, torch.nan_to_num(d, posinf=0.0, neginf=0.0))
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-5), (torch.float64, 1e-12)]
+)
+@pytest.mark.parametrize("chunk_bytes", [1, 300, 2**20])
+def test_entropy_change_stats_with_pre_update_statistics(dtype, atol, chunk_bytes):
+    """Given token_stats' logsumexp and entropy of ``before``, the result equals the naive one
+    and the result computed without them, masked rows included."""
+    before = mixed_logits(dtype=dtype)
+    g = torch.Generator().manual_seed(9)
+    after = (before.double() + 0.05 * torch.randn(before.shape, generator=g, dtype=torch.float64)).to(dtype)
+    pre = token_stats(before)
+    h_after, linear, changed = entropy_change_stats(
+        before, after, before_logsumexp=pre.logsumexp, before_entropy=pre.entropy, chunk_bytes=chunk_bytes
+    )
+    dz = torch.nan_to_num(after.double() - before.double(), nan=0.0)
+    assert changed
+    torch.testing.assert_close(
+        h_after.double(), naive(after, torch.zeros(12, dtype=torch.long))[0], atol=atol, rtol=0
+    )
+    torch.testing.assert_close(linear.double(), -naive_direction_dot(before, dz), atol=atol, rtol=0)
+    h2, lin2, _ = entropy_change_stats(before, after, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(h_after, h2, atol=atol, rtol=0)
+    torch.testing.assert_close(linear, lin2, atol=atol, rtol=0)
+    assert not entropy_change_stats(
+        before, before.clone(), before_logsumexp=pre.logsumexp, before_entropy=pre.entropy
+    )[2]
+
+
+def test_entropy_change_stats_rejects_partial_or_misshaped_pre_statistics():
+    z = torch.randn(4, 6)
+    pre = token_stats(z)
+    with pytest.raises(EntropyLabError, match="together"):
+        entropy_change_stats(z, z, before_logsumexp=pre.logsumexp)
+    with pytest.raises(EntropyLabError, match="before_entropy must have shape"):
+        entropy_change_stats(z, z, before_logsumexp=pre.logsumexp, before_entropy=pre.entropy[:3])
