@@ -388,6 +388,8 @@ class Trainer:
             metrics = self._batch_metrics(step, batch)
             n_tok, n_seq = float(batch.mask.sum()), float(len(rows))
             self._loss_backward(step, batch, rows, 0, logprob, entropy, collision, n_tok, n_seq, trace, sums)
+            for k, v in self.controller.before_step(control_context(self, batch, rows)).items():
+                sums[k].append(v)
             self._optimizer_step(step, sums)
         metrics.update(self._update_metrics(step, sums, [] if trace is None else [trace.records]))
         return metrics
