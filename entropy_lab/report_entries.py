@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from entropy_lab import analyses, figures
+import entropy_lab.analyses as analyses
+import entropy_lab.figures as figures
 from entropy_lab.analyses.tightness import NOISE_FLOOR_FRACTION, available_estimators, estimator_column
 from entropy_lab.formatting import finite_values, format_number
 from entropy_lab.markdown import markdown_table
