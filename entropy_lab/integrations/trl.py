@@ -327,7 +327,8 @@ class TracedGRPOTrainer(GRPOTrainer):
         if window is None:
             return
         records = window.close()
-        records.insert(0, "rank", int(self.accelerator.process_index))
+        if "rank" not in records:  # the tracer adds it itself under torch.distributed
+            records.insert(0, "rank", int(self.accelerator.process_index))
         self._run.write_trace(window.traced, records, self.accelerator, window.step)
 
     # --- TRL's forward: stash what the annotations and STEER need ------------------------------
