@@ -9,6 +9,7 @@ import typer
 
 from entropy_lab.cli.common import SetOption, console, friendly_errors, print_table
 from entropy_lab.cli.train import build_config, run_training
+from entropy_lab.config import parse_overrides
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir
 
@@ -50,10 +51,19 @@ def ensure_run(cfg, out: Path, quiet: bool) -> RunDir:
     return rd
 
 
+def seed_configs(method: str, seeds: int, task, dataset, model, steps, sets: list[str] | None) -> list:
+    """K configs of ``method`` with distinct seeds S, S+1, ..., S+K-1 (S from ``--set seed=S``, else 0)."""
+    first = parse_overrides(sets or []).get("seed", 0)
+    rest = [p for p in (sets or []) if p.split("=", 1)[0].strip() != "seed"]
+    return [build_config(method, task, dataset, model, steps, first + i, rest) for i in range(seeds)]
+
+
 @friendly_errors
 def compare(
     methods: Annotated[list[str], typer.Argument(help="Method presets to compare, e.g. grpo steer.")],
-    seeds: Annotated[int, typer.Option(help="Seeds per method (0..K-1).")] = 1,
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per method: S, S+1, ..., S+K-1 with S from --set seed=S (default 0).")
+    ] = 1,
     steps: Annotated[int | None, typer.Option(help="RL steps per run.")] = None,
     task: Annotated[str | None, typer.Option(help="Built-in task.")] = None,
     dataset: Annotated[Path | None, typer.Option(help="verl-format Parquet file (needs --model).")] = None,
@@ -68,10 +78,11 @@ def compare(
     from entropy_lab.report import compare_report, run_report
 
     if seeds < 1:
-        raise EntropyLabError("--seeds must be at least 1")
-    configs = {
-        m: [build_config(m, task, dataset, model, steps, s, sets) for s in range(seeds)] for m in methods
-    }
+        raise EntropyLabError(f"--seeds must be at least 1, got {seeds}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise EntropyLabError(f"method(s) {', '.join(repeated)} named more than once; name each method once")
+    configs = {m: seed_configs(m, seeds, task, dataset, model, steps, sets) for m in methods}
     runs: dict[str, list[RunDir]] = {}
     for m, cfgs in configs.items():
         runs[m] = [ensure_run(cfg, out / f"{m}-s{cfg.seed}", quiet) for cfg in cfgs]

@@ -8,8 +8,8 @@ import typer
 from rich.table import Table
 
 from entropy_lab.cli.common import console, friendly_errors
-from entropy_lab.config import TrainConfig, field_docs
-from entropy_lab.methods import METHODS
+from entropy_lab.config import TrainConfig, field_docs, field_ranges
+from entropy_lab.methods import METHODS, registered_choices
 
 
 @friendly_errors
@@ -21,11 +21,14 @@ def methods(
     """Print the methods catalogue: name, what it changes, published defaults, reference."""
     if fields:
         table = Table(title="config fields (--set key=value)", title_justify="left", header_style="bold")
-        for col in ("field", "default", "meaning"):
+        for col in ("field", "default", "admissible", "meaning"):
             table.add_column(col)
         defaults = TrainConfig().to_dict()
+        ranges = field_ranges()  # the same annotations TrainConfig.validate checks
+        names = registered_choices()
         for name, doc in field_docs().items():
-            table.add_row(name, repr(defaults[name]), doc)
+            admissible = ranges.get(name) or " | ".join(names.get(name, []))
+            table.add_row(name, repr(defaults[name]), admissible, doc)
         console.print(table)
         return
     table = Table(title="entropy-lab methods", title_justify="left", header_style="bold", show_lines=True)

@@ -11,7 +11,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from entropy_lab.cli.common import console
+from entropy_lab.cli.common import console, err_console
 
 
 class TrainProgress:
@@ -70,4 +70,6 @@ class TrainProgress:
                 stats += f"  acc {info['eval/accuracy']:.2f}"
             p.update(self.train, completed=info["step"], stats=stats)
         elif event == "resumed":
-            console.print(f"resuming from {info['path']}")
+            console.print(info["message"])
+        elif event == "warning":
+            err_console.print(f"[bold yellow]warning:[/] {info['message']}", highlight=False, soft_wrap=True)

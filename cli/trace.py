@@ -15,12 +15,31 @@ from entropy_lab.runs import RunDir
 TIGHTNESS_COLUMNS = ["estimator", "n", "pearson", "spearman", "sign_agreement", "gain", "r2"]
 
 
+def _step_of(name: str) -> int | None:
+    """'step_000150' or 'step_150' -> 150; anything else -> None."""
+    digits = name[5:] if name.startswith("step_") else ""
+    return int(digits) if digits.isdigit() else None
+
+
 def locate(path: Path) -> tuple[RunDir, int | None]:
-    """(run directory, checkpoint step or None) for a run or a checkpoint directory."""
+    """(run directory, checkpoint step or None) for a run or a checkpoint directory.
+
+    ``RUN/checkpoints/step_150`` names the checkpoint ``step_000150``; a step without a
+    checkpoint is one error listing the checkpoints that exist.
+    """
+    step = _step_of(path.name)
+    if step is not None and path.parent.name == "checkpoints":
+        run = RunDir(path.parent.parent)
+        if not run.path.is_dir():
+            raise EntropyLabError(f"no run directory at {run.path}")
+        run.find_checkpoint(step)
+        return run, step
     if not path.exists():
         raise EntropyLabError(f"no run or checkpoint directory at {path}")
-    if (path / "trainer_state.pt").is_file() and path.name.startswith("step_") and path.name[5:].isdigit():
-        return RunDir(path.parent.parent), int(path.name[5:])
+    if not path.is_dir():
+        raise EntropyLabError(
+            f"{path} is a file; pass a run directory or one of its checkpoints/step_N directories"
+        )
     return RunDir(path), None
 
 
@@ -36,12 +55,20 @@ def print_trace_tables(tables: dict, label: str) -> None:
     print_table(
         tables.get("quadrants"),
         f"{label}: quadrants sign(A) x sign(log pi_a + H)",
-        ["quadrant", "theory", "count", "mean_predicted", "mean_measured", "sign_agreement"],
+        [
+            "quadrant",
+            "theory",
+            "count",
+            "mean_predicted",
+            "mean_measured",
+            "sign_agreement",
+            "softmax_disagreement",
+        ],
     )
     print_table(
         tables.get("decomposition"),
         f"{label}: decomposition of the measured change",
-        ["part", "sum", "sum_abs", "share"],
+        ["part", "split", "sum", "share", "sum_calibrated", "share_calibrated", "gain"],
     )
 
 
@@ -55,25 +82,75 @@ def trace(
         str | None, typer.Option(help="Method for the traced update (default: the run's).")
     ] = None,
     output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    eta_sweep: Annotated[
+        bool,
+        typer.Option(
+            "--eta-sweep",
+            help="Measure the traced tokens' entropy at theta + eta dtheta (eta 1/64 ... 2); per eta each "
+            "estimator's Pearson and gain, the curvature and coupling shares, and linear_regime.png.",
+        ),
+    ] = False,
 ) -> None:
-    """Trace one update from a checkpoint (or analyse existing traces); print tightness, factors, quadrants."""
+    """Trace one update from a checkpoint and table that update, or analyse a run's existing traces."""
     from entropy_lab.report import report_json, run_report
 
     if output not in ("table", "json"):
         raise EntropyLabError(f"--format must be table or json, got {output!r}")
     rd, ckpt_step = locate(run)
     rd.read_config()  # one clear error for a missing or malformed run directory
-    target = rd
-    if ckpt_step is not None or step is not None or method is not None or not rd.trace_files():
-        from entropy_lab.trainer import trace_checkpoint
+    if eta_sweep:
+        from entropy_lab.linear_regime import eta_sweep_command
 
-        quiet_transformers()
-        if output == "table":
-            console.print(f"tracing one update of {rd.path} from its checkpoint ...")
-        target = trace_checkpoint(rd, step if step is not None else ckpt_step, method)
-    result = run_report(target)
-    if output == "json":
-        print(json.dumps({"run": str(target.path), **report_json(result["tables"])}, indent=2))
+        return eta_sweep_command(rd, step if step is not None else ckpt_step, output)
+    if ckpt_step is not None and step is not None and step != ckpt_step:
+        raise EntropyLabError(
+            f"--run names checkpoint step {ckpt_step} but --step says {step}; give the step once"
+        )
+    if ckpt_step is None and step is None and method is None and rd.trace_files():
+        result = run_report(rd)  # analyse what training traced
+        n = len(rd.trace_files())
+        if output == "json":
+            print(
+                json.dumps(
+                    {"run": str(rd.path), "scope": "run", "traced_steps": n, **report_json(result["tables"])},
+                    indent=2,
+                )
+            )
+            return
+        console.print(f"{rd.path}: tables pool all {n} traced steps of the run")
+        print_trace_tables(result["tables"], rd.path.name)
+        console.print(f"report: {result['report']}  figures: {rd.figures_dir}")
         return
-    print_trace_tables(result["tables"], target.path.name)
-    console.print(f"report: {result['report']}  figures: {target.figures_dir}")
+
+    from entropy_lab.checkpoint_trace import trace_checkpoint
+    from entropy_lab.records import load_records
+    from entropy_lab.report import trace_tables
+
+    quiet_transformers()
+    if output == "table":
+        console.print(f"tracing one update of {rd.path} from its checkpoint ...")
+    done = trace_checkpoint(rd, step if step is not None else ckpt_step, method)
+    records, _ = load_records(done.trace_path)
+    records.insert(0, "run", done.run.path.name)
+    records.insert(0, "method", done.method)
+    tables = trace_tables(records)  # this update only
+    result = run_report(done.run)  # the run's report and figures pool every trace it holds
+    what = f"step {done.step} ({done.method}), traced from {done.checkpoint}"
+    if output == "json":
+        payload = {
+            "run": str(done.run.path),
+            "scope": "update",
+            "traced_step": done.step,
+            "checkpoint": str(done.checkpoint),
+            "trace": str(done.trace_path),
+            **report_json(tables),
+        }
+        print(json.dumps(payload, indent=2))
+        return
+    console.print(f"tables below cover one update: {what}; trace in {done.trace_path}")
+    print_trace_tables(tables, f"step {done.step}")
+    n = len(done.run.trace_files())
+    console.print(
+        f"report (pools all {n} traced step{'s' if n != 1 else ''} of {done.run.path.name}): "
+        f"{result['report']}  figures: {done.run.figures_dir}"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from entropy_lab.analyses import run_summary
 from entropy_lab.cli.common import SetOption, console, friendly_errors, quiet_transformers
 from entropy_lab.cli.progress import TrainProgress
 from entropy_lab.config import parse_overrides
+from entropy_lab.errors import EntropyLabError, EntropyLabWarning
 from entropy_lab.formatting import format_number
 from entropy_lab.methods import resolve_config
 
@@ -35,7 +37,12 @@ def build_config(
     ):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
-    overrides.update(parse_overrides(sets or []))
+    pairs = parse_overrides(sets or [])
+    for key in sorted(set(pairs) & set(overrides)):
+        raise EntropyLabError(
+            f"{key} is given twice (--{key} {overrides[key]} and --set {key}={pairs[key]}); give it once"
+        )
+    overrides.update(pairs)
     return resolve_config(method, overrides)
 
 
@@ -54,7 +61,8 @@ def run_training(
     from entropy_lab.trainer import Trainer  # torch and transformers load only when training
 
     quiet_transformers()
-    with TrainProgress(out.name, quiet=quiet) as progress:
+    with TrainProgress(out.name, quiet=quiet) as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", EntropyLabWarning)  # the progress display prints them, one line each
         metrics = Trainer(cfg, out, resume=resume, overwrite=overwrite, callback=progress).train()
     s = run_summary(metrics).iloc[0]  # start = first step, final = mean of the last 10% of steps
     console.print(
@@ -79,7 +87,12 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --out.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace the entropy-lab run in --out (nothing else is ever deleted)."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a policy with one method and write a run directory (config, metrics, eval, traces, checkpoints)."""

@@ -23,6 +23,7 @@ from entropy_lab import steer
 from entropy_lab.advantages import ADVANTAGES
 from entropy_lab.aggregation import AGG_MODES
 from entropy_lab.config import TrainConfig
+from entropy_lab.controllers import CONTROLLERS
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import KL_ESTIMATORS, OBJECTIVES
 from entropy_lab.optim import OPTIMIZERS
@@ -148,6 +149,25 @@ for _m in (
         ),
         "Hao et al. 2025, arXiv 2510.10150 (release: github.com/zz-haooo/STEER)",
     ),
+    Method(
+        "adaptive-entropy",
+        "entropy bonus with a coefficient raised/lowered by 0.005 per update when entropy is below/above 0.2",
+        _preset(controller="adaptive-entropy", entropy_target=0.2, adaptive_entropy_delta=0.005),
+        "He et al. 2025 (Skywork-OR1), arXiv 2505.22312",
+    ),
+    Method(
+        "entropy-target",
+        "scales of the A>0 / A<0 update parts chosen by JVP prediction so entropy moves toward 0.2 "
+        "(kappa 0.1, scales in [0, 2])",
+        _preset(
+            controller="entropy-target",
+            entropy_target=0.2,
+            entropy_target_kappa=0.1,
+            entropy_target_scale_min=0.0,
+            entropy_target_scale_max=2.0,
+        ),
+        "entropy-lab (target 0.2 as Skywork-OR1; kappa and bounds chosen here)",
+    ),
 ):
     register_method(_m)
 
@@ -155,7 +175,8 @@ for _m in (
 # --- validation ----------------------------------------------------------------------------------
 
 
-def _choices() -> dict[str, list[str]]:
+def registered_choices() -> dict[str, list[str]]:
+    """Config field -> the registered names it accepts."""
     return {
         "optimizer": list(OPTIMIZERS),
         "objective": list(OBJECTIVES),
@@ -165,44 +186,17 @@ def _choices() -> dict[str, list[str]]:
         "steer_map": list(steer.STEER_MAPS),
         "steer_norm": list(steer.STEER_NORMS),
         "steer_estimator": steer.valid_estimators(),
+        "controller": list(CONTROLLERS),
     }
 
 
 def validate_config(cfg: TrainConfig) -> TrainConfig:
-    """Check the enum-like fields and the ranges the objectives rely on; one error line on failure."""
-    for key, valid in _choices().items():
+    """Check the registered names, then every field's type and range; one error line on failure."""
+    for key, valid in registered_choices().items():
         value = getattr(cfg, key)
         if value not in valid:
             raise EntropyLabError(f"config key {key!r} got {value!r}; valid: {', '.join(valid)}")
-    checks = [
-        (cfg.clip_eps_low >= 0 and cfg.clip_eps_high >= 0, "clip_eps_low and clip_eps_high must be >= 0"),
-        (
-            cfg.dual_clip_c is None or cfg.dual_clip_c > 1,
-            f"dual_clip_c must be > 1 or None, got {cfg.dual_clip_c}",
-        ),
-        (cfg.kl_coef >= 0 and cfg.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0"),
-        (0 < cfg.clip_cov_ratio <= 1, f"clip_cov_ratio must lie in (0, 1], got {cfg.clip_cov_ratio}"),
-        (
-            cfg.clip_cov_lb < cfg.clip_cov_ub,
-            f"clip_cov_lb must be below clip_cov_ub, got {cfg.clip_cov_lb} and {cfg.clip_cov_ub}",
-        ),
-        (0 < cfg.kl_cov_ratio <= 1, f"kl_cov_ratio must lie in (0, 1], got {cfg.kl_cov_ratio}"),
-        (0 <= cfg.fork_rho <= 1, f"fork_rho must lie in [0, 1], got {cfg.fork_rho}"),
-        (cfg.entropy_adv_kappa > 0, f"entropy_adv_kappa must be > 0, got {cfg.entropy_adv_kappa}"),
-        (
-            0 <= cfg.unlikeliness_beta <= 1,
-            f"unlikeliness_beta must lie in [0, 1], got {cfg.unlikeliness_beta}",
-        ),
-        (0 < cfg.steer_lambda_min <= 1, f"steer_lambda_min must lie in (0, 1], got {cfg.steer_lambda_min}"),
-        (
-            cfg.steer_lambda_min <= cfg.steer_lambda_max,
-            f"steer_lambda_min must not exceed steer_lambda_max, got {cfg.steer_lambda_min} and {cfg.steer_lambda_max}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise EntropyLabError(message)
-    return cfg
+    return cfg.validate()  # types and ranges, from the fields' own annotations
 
 
 def resolve_config(

@@ -494,6 +494,13 @@ def _check_inputs(inputs: LossInputs, cfg: TrainConfig) -> None:
             raise EntropyLabError(
                 f"LossInputs.{name} has shape {tuple(value.shape)}, expected {tuple(shape)} like logprob"
             )
+    # A NaN advantage would reach the gradient and, after the optimizer step, every weight.
+    bad = ~torch.isfinite(inputs.advantages.detach()) & inputs.valid
+    if bool(bad.any()):
+        raise EntropyLabError(
+            f"LossInputs.advantages holds {int(bad.sum())} non-finite value(s) at response positions; "
+            "check the rewards and the advantage estimator (a group std of 0 divides by zero) before the loss"
+        )
     missing = sorted(n for n in required_inputs(cfg) if getattr(inputs, n) is None)
     if missing:
         raise EntropyLabError(

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from entropy_lab import analyses, figures
+import entropy_lab.analyses as analyses
+import entropy_lab.figures as figures
 from entropy_lab.analyses.compare import ENTROPY, REWARD
 from entropy_lab.analyses.tightness import NOISE_FLOOR_FRACTION
 from entropy_lab.errors import EntropyLabError

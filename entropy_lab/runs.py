@@ -1,14 +1,20 @@
 """Run directories (DESIGN.md section 4): configuration, per-step metrics, traces, checkpoints.
 
+    runs/<name>/.entropy-lab-run     marker: this directory is a run that entropy-lab created
     runs/<name>/config.json          resolved configuration, seed, package versions
     runs/<name>/metrics.parquet      one row per step, rewritten atomically after every step
     runs/<name>/eval.parquet         periodic evaluation (greedy accuracy, pass@k)
     runs/<name>/traces/step_XXXXXX.parquet   every traced update of that step (column ``update``)
     runs/<name>/checkpoints/step_XXXXXX/     model + tokenizer (save_pretrained), trainer_state.pt
-    runs/<name>/figures/, report.md
+    runs/<name>/figures/, report.md, retrace-*/ (runs traced from a checkpoint)
 
 Every file is written under a temporary name and renamed into place, so a killed run
 leaves either the old or the new version, never half of one.
+
+Safety: ``check_target`` refuses an unusable output directory before anything is loaded
+or deleted; replacing a run (``--overwrite``) removes only a directory that carries the
+marker and holds nothing but the layout above, and never the working directory, one of
+its parents, the home directory or a Hugging Face model directory.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from entropy_lab.config import TrainConfig
-from entropy_lab.errors import EntropyLabError
+from entropy_lab.errors import EntropyLabError, os_error_message
 
 
 def package_versions() -> dict[str, str]:
@@ -55,6 +61,51 @@ def write_text_atomic(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+MARKER = ".entropy-lab-run"
+"""File that marks a directory as a run entropy-lab created (and may therefore replace)."""
+LAYOUT = frozenset(
+    {
+        MARKER,
+        "config.json",
+        "metrics.parquet",
+        "eval.parquet",
+        "traces",
+        "checkpoints",
+        "figures",
+        "report.md",
+    }
+)
+"""Top-level entries of a run directory; ``retrace-*`` runs and ``*.tmp`` leftovers are known too."""
+
+
+def _is_known_entry(p: Path) -> bool:
+    name = p.name.removesuffix(".tmp")
+    if name in LAYOUT:
+        return True
+    return name.startswith("retrace-") and p.is_dir() and (p / MARKER).is_file()
+
+
+def _hf_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory: config.json with a model_type or architectures entry."""
+    try:
+        record = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(record, dict)
+        and "config" not in record
+        and ("model_type" in record or "architectures" in record)
+    )
+
+
+def _writable(path: Path) -> bool:
+    """Whether a new entry can be made in ``path``, or in its nearest existing ancestor."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
 @dataclass
 class RunDir:
     """Paths and I/O of one run directory."""
@@ -64,6 +115,7 @@ class RunDir:
     def __post_init__(self):
         self.path = Path(self.path)
 
+    marker_path = property(lambda self: self.path / MARKER)
     config_path = property(lambda self: self.path / "config.json")
     metrics_path = property(lambda self: self.path / "metrics.parquet")
     eval_path = property(lambda self: self.path / "eval.parquet")
@@ -72,18 +124,90 @@ class RunDir:
     figures_dir = property(lambda self: self.path / "figures")
     report_path = property(lambda self: self.path / "report.md")
 
-    # --- creation ----------------------------------------------------------------------
-    def create(self, cfg: TrainConfig, *, overwrite: bool = False, extra: dict | None = None) -> None:
-        """Start a new run here; refuses to replace an existing run unless ``overwrite``."""
-        if self.config_path.exists():
+    # --- what is there -----------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """A config.json that is a run's (not a model's) is here."""
+        return self.config_path.is_file() and not _hf_model_dir(self.path)
+
+    def check_target(self, *, overwrite: bool = False, resume: bool = False) -> None:
+        """Refuse an output directory that cannot take this run; nothing is created or deleted.
+
+        Called before the policy is loaded, so a bad ``--out`` fails in a second, not after
+        a warm start; ``create`` checks again before it replaces anything.
+        """
+        p = self.path
+        if overwrite and resume:
+            raise EntropyLabError(
+                "--resume and --overwrite exclude each other: pass --resume to continue the run or --overwrite to replace it"
+            )
+        if p.exists() and not p.is_dir():
+            raise EntropyLabError(
+                f"--out {p} is a file, not a directory; choose a directory path for the run"
+            )
+        if p.is_dir() and _hf_model_dir(p):
+            raise EntropyLabError(
+                f"{p} holds a Hugging Face model (config.json with model_type), not a run; choose another --out"
+            )
+        if resume:
+            if not self.holds_run():
+                raise EntropyLabError(f"there is no run to resume in {p}; start it without --resume")
+        elif self.holds_run():
             if not overwrite:
                 raise EntropyLabError(
-                    f"{self.path} already holds a run; pass --resume to continue it or --overwrite to replace it"
+                    f"{p} already holds a run; pass --resume to continue it or --overwrite to replace it"
                 )
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        record = {"config": cfg.to_dict(), "seed": cfg.seed, "versions": package_versions(), **(extra or {})}
-        write_text_atomic(json.dumps(record, indent=2, default=str), self.config_path)
+            self.check_removable()
+        elif p.is_dir() and any(p.iterdir()):
+            known = all(_is_known_entry(e) for e in p.iterdir())
+            if not (known and self.marker_path.is_file()):
+                raise EntropyLabError(
+                    f"{p} is not empty and holds no entropy-lab run; choose a new or empty --out"
+                )
+        if not _writable(p):
+            raise EntropyLabError(f"cannot write the run to {p}: permission denied; choose a writable --out")
+
+    def check_removable(self) -> None:
+        """Refuse to replace anything but a directory entropy-lab recognisably wrote."""
+        p = self.path.resolve()
+        cwd = Path.cwd().resolve()
+        if p == cwd or p in cwd.parents or p == Path.home().resolve() or p == p.parent:
+            raise EntropyLabError(
+                f"refusing to --overwrite {self.path}: it is the working directory, one of its parents or the home directory; give the run its own --out"
+            )
+        if not self.marker_path.is_file():
+            raise EntropyLabError(
+                f"refusing to --overwrite {self.path}: it has no {MARKER} marker, so entropy-lab did not create it (or an older version did); delete it yourself if it is disposable"
+            )
+        unknown = sorted(e.name for e in self.path.iterdir() if not _is_known_entry(e))
+        if unknown:
+            raise EntropyLabError(
+                f"refusing to --overwrite {self.path}: it holds files entropy-lab did not write ({', '.join(unknown[:5])}); move them away or choose another --out"
+            )
+
+    # --- creation ----------------------------------------------------------------------
+    def create(self, cfg: TrainConfig, *, overwrite: bool = False, extra: dict | None = None) -> None:
+        """Start a new run here; replaces an existing run only with ``overwrite`` and only a recognised one."""
+        self.check_target(overwrite=overwrite)
+        try:
+            if self.holds_run():
+                for entry in self.path.iterdir():  # check_removable vetted every entry
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(
+                json.dumps({"entropy_lab": package_versions()["entropy_lab"]}), self.marker_path
+            )
+            record = {
+                "config": cfg.to_dict(),
+                "seed": cfg.seed,
+                "versions": package_versions(),
+                **(extra or {}),
+            }
+            write_text_atomic(json.dumps(record, indent=2, default=str), self.config_path)
+        except OSError as exc:
+            raise EntropyLabError(os_error_message(exc) + "; choose another --out") from None
 
     def read_config(self) -> dict:
         """The whole config.json record; one error line if this is not a run directory."""
@@ -91,15 +215,23 @@ class RunDir:
             raise EntropyLabError(f"no run directory at {self.path}")
         if not self.config_path.is_file():
             raise EntropyLabError(f"{self.path} is not a run directory (no config.json)")
+        if _hf_model_dir(self.path):
+            raise EntropyLabError(f"{self.path} holds a Hugging Face model, not a run directory")
         try:
             record = json.loads(self.config_path.read_text())
-            record["config"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            if not isinstance(record["config"], dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise EntropyLabError(f"{self.config_path} is malformed (no readable 'config' entry)") from None
         return record
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig().replace(**self.read_config()["config"])
+        """The run's configuration, parsed and validated (config.json is data, never code)."""
+        values = self.read_config()["config"]
+        try:
+            return TrainConfig.from_dict(values)
+        except EntropyLabError as exc:
+            raise EntropyLabError(f"{self.config_path} is not a valid run configuration: {exc}") from None
 
     def update_config_record(self, **entries) -> None:
         record = self.read_config()
@@ -107,11 +239,22 @@ class RunDir:
         write_text_atomic(json.dumps(record, indent=2, default=str), self.config_path)
 
     # --- tables ------------------------------------------------------------------------
+    def _read_table(self, path: Path) -> pd.DataFrame:
+        if not path.is_file():
+            return pd.DataFrame()
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            why = "not a complete Parquet file" if "Parquet" in str(exc) else str(exc).splitlines()[0][:120]
+            raise EntropyLabError(
+                f"{path} is unreadable ({why}); the run's history there is lost: start the run over with --overwrite"
+            ) from None
+
     def read_metrics(self) -> pd.DataFrame:
-        return pd.read_parquet(self.metrics_path) if self.metrics_path.is_file() else pd.DataFrame()
+        return self._read_table(self.metrics_path)
 
     def read_eval(self) -> pd.DataFrame:
-        return pd.read_parquet(self.eval_path) if self.eval_path.is_file() else pd.DataFrame()
+        return self._read_table(self.eval_path)
 
     def write_metrics(self, rows: list[dict]) -> None:
         write_parquet_atomic(pd.DataFrame(rows), self.metrics_path)
@@ -139,6 +282,14 @@ class RunDir:
                 out[int(p.name[5:])] = p
         return dict(sorted(out.items()))
 
+    def find_checkpoint(self, step: int) -> Path:
+        """The checkpoint of ``step``; one error listing the existing ones when there is none."""
+        ckpts = self.checkpoints()
+        if step in ckpts:
+            return ckpts[step]
+        names = ", ".join(p.name for p in ckpts.values()) or "none"
+        raise EntropyLabError(f"{self.path} has no checkpoint at step {step}; existing checkpoints: {names}")
+
     def latest_checkpoint(self) -> tuple[int, Path] | None:
         ckpts = self.checkpoints()
         return None if not ckpts else list(ckpts.items())[-1]
@@ -146,8 +297,8 @@ class RunDir:
     def truncate_after(self, step: int) -> None:
         """Drop metrics, evaluations and traces of steps after ``step`` (they are redone on resume)."""
         for path in (self.metrics_path, self.eval_path):
-            if path.is_file():
-                df = pd.read_parquet(path)
+            df = self._read_table(path)
+            if not df.empty:
                 write_parquet_atomic(df[df["step"] <= step], path)
         for f in self.trace_files():
             if int(f.stem[5:]) > step:

@@ -5,11 +5,15 @@ Data flows one way. Every method of the catalogue is a preset of the one flat
 objective, advantage and aggregation registries do the work. Every ``trace_every``-th
 step's updates run inside ``EntropyTracer`` and their records go to ``traces/``.
 
-Reliability: metrics are rewritten atomically after every step (a crash loses at most
-the step in flight); checkpoints hold the model, optimizer, scheduler, every RNG state
-and the step, written to a temporary directory and renamed; ``resume`` continues from
-the latest one and, on CPU, reproduces the uninterrupted run's metrics exactly. A
-non-finite loss or gradient stops the run before the optimizer touches the weights.
+Reliability: the configuration is validated and the output directory checked before
+anything is loaded or deleted; metrics are rewritten atomically after every step (a crash
+loses at most the step in flight); checkpoints (``entropy_lab.checkpoints``) hold the
+model, optimizer, scheduler, every RNG state and the step; ``resume`` continues from the
+latest usable one (falling back past a damaged one) and, on CPU, reproduces the
+uninterrupted run's metrics exactly. A non-finite loss or gradient stops the run before
+the optimizer touches the weights; a failed write (full disk, read-only directory) stops
+it with one line naming the cause, earlier checkpoints intact. Settings that cannot
+learn (group size 1, one reward value for the whole run) are warned about.
 
 Simplifications: the policy is in eval mode throughout (no dropout); rollouts use the
 current policy (no separate inference engine); the learning-rate schedule is linear
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from entropy_lab import checkpoints, learnability
 from entropy_lab.advantages import advantages_for_config, mean_token_logprob
 from entropy_lab.batch import RolloutBatch
 from entropy_lab.config import TrainConfig
-from entropy_lab.errors import EntropyLabError
+from entropy_lab.controllers import build_controller, control_context
+from entropy_lab.errors import EntropyLabError, EntropyLabWarning, os_error_message
 from entropy_lab.models import load_policy, warm_start
 from entropy_lab.objectives import compute_loss, prepare_context, required_inputs
 from entropy_lab.optim import build_optimizer
@@ -75,7 +82,9 @@ class Trainer:
         overwrite: bool = False,
         callback: Callback | None = None,
     ):
-        self.cfg = cfg
+        from entropy_lab.methods import validate_config
+
+        self.cfg = validate_config(cfg)  # the whole configuration, once, before anything is loaded
         self.run = RunDir(Path(out))
         self.callback = callback or (lambda event, info: None)
         self.device = pick_device(cfg.device)
@@ -114,8 +123,17 @@ class Trainer:
         return model, tokenizer, task, info
 
     def setup(self, create_run: bool = True) -> None:
-        """Load task and policy, build optimizer and tracer; create (or restore) the run directory."""
+        """Load task and policy, build optimizer and tracer; create (or restore) the run directory.
+
+        The output directory is checked first and an existing run is replaced only after the
+        policy and task loaded, so no bad setting can cost an old run.
+        """
         cfg = self.cfg
+        if create_run:
+            self.run.check_target(overwrite=self.overwrite, resume=self.resume)
+            if self.resume:
+                self._check_resumable()
+            self.warn_if_cannot_learn()
         self.model, self.tokenizer, self.task, self.warm_info = self._load_policy_and_task()
         # Seeded after the policy is in place, so a run does not depend on whether its warm
         # start was trained now or read from the cache.
@@ -135,20 +153,35 @@ class Trainer:
             self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm else 1.0
         )
         self.tracer = EntropyTracer(
-            self.model, max_positions=cfg.trace_max_positions or None, seed=cfg.seed, config=cfg.to_dict()
+            self.model,
+            max_positions=cfg.trace_max_positions or None,
+            seed=cfg.seed,
+            config=cfg.to_dict(),
+            jvp=cfg.trace_jvp,
         )
+        self.controller = build_controller(cfg)
         self.eval_set = self.task.eval_problems(cfg.eval_prompts)
         if not create_run:
             return
-        if self.resume and self.run.latest_checkpoint() is not None:
+        if self.resume:
             self._restore()
-        elif self.resume:
-            raise EntropyLabError(
-                f"{self.run.path} has no checkpoint to resume from; start it without --resume"
-                + (" and with --overwrite" if self.run.config_path.exists() else "")
-            )
         else:
             self.run.create(cfg, overwrite=self.overwrite, extra={"warm_start": self.warm_info})
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(message, EntropyLabWarning, stacklevel=3)
+        self.callback("warning", {"message": message})
+
+    def warn_if_cannot_learn(self) -> None:
+        """A setting under which every advantage is 0 by construction (``entropy_lab.learnability``)."""
+        message = learnability.setting_warning(self.cfg)
+        if message:
+            self._warn(message)
+
+    def _warn_if_nothing_learned(self) -> None:
+        message = learnability.outcome_warning(self.metrics_rows)
+        if message:
+            self._warn(message)
 
     def _copy_policy(self):
         import copy
@@ -156,73 +189,77 @@ class Trainer:
         return copy.deepcopy(self.model).eval()
 
     # --- checkpoints -------------------------------------------------------------------
-    def _rng_state(self) -> dict:
-        state = {
-            "torch": torch.get_rng_state(),
-            "numpy": self.np_rng.bit_generator.state,
-            "python": random.getstate(),
-            "shuffle": self.shuffle_gen.get_state(),
-            "loss": self.loss_gen.get_state(),
+    def trainer_state(self, step: int) -> dict:
+        """Everything besides the weights that step ``step + 1`` depends on (tensors and plain data)."""
+        return {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoints.rng_state(self.np_rng, self.shuffle_gen, self.loss_gen),
+            "config": self.cfg.to_dict(),
+            "controller": self.controller.state_dict(),
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
 
     def save_checkpoint(self, step: int) -> Path:
-        import shutil
-
-        final = self.run.checkpoint_path(step)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp / "model")
-        self.tokenizer.save_pretrained(tmp / "model")
-        torch.save(
-            {
-                "step": step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": self._rng_state(),
-                "config": self.cfg.to_dict(),
-            },
-            tmp / "trainer_state.pt",
+        return checkpoints.save_checkpoint(
+            self.run.checkpoint_path(step), self.model, self.tokenizer, self.trainer_state(step)
         )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        return final
 
     def load_trainer_state(self, path: Path) -> int:
-        """Optimizer, scheduler and RNG states of a checkpoint; returns its step."""
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        """Optimizer, scheduler and RNG states of a checkpoint (verified, loaded safely); returns its step."""
+        return self._apply_state(checkpoints.load_trainer_state(path))
+
+    def _apply_state(self, state: dict) -> int:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.np_rng.bit_generator.state = rng["numpy"]
-        random.setstate(rng["python"])
-        self.shuffle_gen.set_state(rng["shuffle"])
-        self.loss_gen.set_state(rng["loss"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.controller.load_state_dict(state.get("controller", {}))
+        checkpoints.set_rng_state(state["rng"], self.np_rng, self.shuffle_gen, self.loss_gen)
         return int(state["step"])
 
-    def _restore(self) -> None:
-        step, path = self.run.latest_checkpoint()
+    def _check_resumable(self) -> None:
+        """Before anything is loaded: the run's configuration must be this one (a longer budget extends it)."""
         saved = self.run.train_config().to_dict()
-        # A longer budget extends the run; anything else would change what the checkpoint means.
         diff = sorted(k for k, v in self.cfg.to_dict().items() if k != "steps" and saved.get(k) != v)
         if diff:
+            shown = ", ".join(f"{k} ({saved.get(k)!r} -> {self.cfg.to_dict()[k]!r})" for k in diff[:4])
             raise EntropyLabError(
-                f"cannot resume {self.run.path}: its configuration differs in {', '.join(diff)}"
+                f"cannot resume {self.run.path}: its configuration differs in {shown}; "
+                "resume with the run's own settings or start a new --out"
             )
-        model, _ = load_policy(path / "model", self.device)  # checks its tokenizer against the model
-        self.model.load_state_dict(model.state_dict())
-        self.load_trainer_state(path)
+        self.run.read_metrics(), self.run.read_eval()  # one clear line if they are unreadable
+
+    def _restore(self) -> None:
+        """Continue from the latest usable checkpoint; without one, start the run over (it had none to lose)."""
+        damaged: list[tuple[Path, str]] = []
+        for step, path in reversed(list(self.run.checkpoints().items())):
+            try:
+                state = checkpoints.load_trainer_state(path)
+                model, _ = load_policy(path / checkpoints.MODEL_DIR, self.device)
+            except EntropyLabError as exc:
+                damaged.append((path, str(exc)))
+                self._warn(f"{exc}; falling back to the checkpoint before it")
+                continue
+            self.model.load_state_dict(model.state_dict())
+            self._apply_state(state)
+            self._continue_from(step, f"resuming from {path}")
+            return
+        if damaged:
+            names = ", ".join(p.name for p, _ in damaged)
+            raise EntropyLabError(
+                f"no usable checkpoint to resume {self.run.path} from ({names}); the latest: {damaged[0][1]}; "
+                "remove the damaged checkpoint directories and start over with --overwrite"
+            )
+        self._continue_from(-1, f"{self.run.path} has no checkpoint yet: starting the run over")
+
+    def _continue_from(self, step: int, message: str) -> None:
         self.run.truncate_after(step)
         self.metrics_rows = self.run.read_metrics().to_dict("records")
         self.eval_rows = self.run.read_eval().to_dict("records")
-        self.start_step = step
-        self.callback("resumed", {"step": step, "path": str(path)})
+        self.start_step = max(step, 0)
+        if self.run.train_config().steps != self.cfg.steps:  # an extended budget is the run's budget now
+            record = self.run.read_config()
+            self.run.update_config_record(config={**record["config"], "steps": self.cfg.steps})
+        self.callback("resumed", {"step": self.start_step, "message": message})
 
     # --- one step ----------------------------------------------------------------------
     def rollout(self) -> tuple[Rollout, torch.Tensor, list]:
@@ -307,6 +344,8 @@ class Trainer:
                 with ctx as trace:
                     self.optimizer.zero_grad(set_to_none=True)
                     self._accumulate(step, batch, mb, trace, sums)
+                    for k, v in self.controller.before_step(control_context(self, batch, mb)).items():
+                        sums[k].append(v)
                     self._optimizer_step(step, sums)
                 if trace is not None:
                     records.append(trace.records)
@@ -336,6 +375,8 @@ class Trainer:
             metrics = self._batch_metrics(step, batch)
             n_tok, n_seq = float(batch.mask.sum()), float(len(rows))
             self._loss_backward(step, batch, rows, 0, logprob, entropy, collision, n_tok, n_seq, trace, sums)
+            for k, v in self.controller.before_step(control_context(self, batch, rows)).items():
+                sums[k].append(v)
             self._optimizer_step(step, sums)
         metrics.update(self._update_metrics(step, sums, [] if trace is None else [trace.records]))
         return metrics
@@ -505,71 +546,42 @@ class Trainer:
             )
         return {"step": step, **res}
 
-    # --- the loop ----------------------------------------------------------------------
+    # --- the loop -------------------------------------------------------------------------
     def train(self) -> pd.DataFrame:
         """Run (or resume) to ``cfg.steps``; returns the metrics table."""
         self.setup()
         cfg = self.cfg
-        if self.start_step == 0 and cfg.eval_every > 0:
-            self.eval_rows.append(self.evaluate(0))
-            self.run.write_eval(self.eval_rows)
+        with self._write_guard():
+            if self.start_step == 0 and cfg.eval_every > 0:
+                self.eval_rows.append(self.evaluate(0))
+                self.run.write_eval(self.eval_rows)
         self.callback("start", {"start": self.start_step, "steps": cfg.steps, "warm_start": self.warm_info})
         for step in range(self.start_step + 1, cfg.steps + 1):
-            row = self.train_step(step)
-            self.metrics_rows.append(row)
-            self.run.write_metrics(self.metrics_rows)
-            last = step == cfg.steps
-            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last):
-                self.eval_rows.append(self.evaluate(step))
-                self.run.write_eval(self.eval_rows)
-                row = {**row, **self.eval_rows[-1]}
-            if last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
-                self.save_checkpoint(step)
+            with self._write_guard():
+                row = self.train_step(step)
+                self.metrics_rows.append(row)
+                self.run.write_metrics(self.metrics_rows)
+                last = step == cfg.steps
+                if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or last):
+                    self.eval_rows.append(self.evaluate(step))
+                    self.run.write_eval(self.eval_rows)
+                    row = {**row, **self.eval_rows[-1]}
+                if last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+                    self.save_checkpoint(step)
             self.callback("step", row)
+        if self.start_step < cfg.steps:
+            self._warn_if_nothing_learned()
         self.callback("end", {"steps": cfg.steps})
         return pd.DataFrame(self.metrics_rows)
 
-
-def method_fields() -> set[str]:
-    """Config fields that some method preset sets: they belong to the method, not to the run."""
-    from entropy_lab.methods import METHODS
-
-    return {k for m in METHODS.values() for k in m.defaults}
-
-
-def trace_checkpoint(
-    run: RunDir, step: int | None = None, method: str | None = None, callback: Callback | None = None
-) -> RunDir:
-    """One traced update from the checkpoint at ``step``, on the batch the run would have drawn next.
-
-    The update is step N+1 of the run. With the run's own method its trace goes to
-    ``run/traces/step_{N+1}.parquet`` when training did not trace that step; otherwise (another
-    method, or the file exists) to the run directory ``run/retrace-<method>-step_N``.
-    Returns the run directory holding the trace. The checkpoint itself is not modified.
-    """
-    from entropy_lab.methods import resolve_config
-
-    ckpts = run.checkpoints()
-    if not ckpts:
-        raise EntropyLabError(f"{run.path} has no checkpoints to trace from")
-    if step is None:
-        step = list(ckpts)[-1]
-    if step not in ckpts:
-        raise EntropyLabError(
-            f"{run.path} has no checkpoint at step {step}; available: {', '.join(map(str, ckpts))}"
-        )
-    base = run.train_config()
-    method = method or base.method
-    if method != base.method:  # a new preset over the run's non-method settings
-        defaults = TrainConfig().to_dict()
-        base = base.replace(**{k: defaults[k] for k in method_fields()})
-    cfg = resolve_config(method, {"model": str(ckpts[step] / "model"), "trace_every": 1}, base=base)
-    target = run
-    if method != run.train_config().method or run.trace_path(step + 1).exists():
-        target = RunDir(run.path / f"retrace-{method}-step_{step:06d}")
-        target.create(cfg, overwrite=True, extra={"traced_from": str(ckpts[step])})
-    trainer = Trainer(cfg, target.path, callback=callback)
-    trainer.setup(create_run=False)
-    trainer.load_trainer_state(ckpts[step])
-    trainer.train_step(step + 1)
-    return target
+    @contextlib.contextmanager
+    def _write_guard(self):
+        """A failed write (full disk, read-only directory) ends the run with one line; checkpoints stay."""
+        try:
+            yield
+        except OSError as exc:
+            last = self.run.latest_checkpoint()
+            keep = f"the last good checkpoint is {last[1]}" if last else "no checkpoint was written yet"
+            raise EntropyLabError(
+                f"{os_error_message(exc)}; the run stopped and {keep} (fix the cause, then pass --resume)"
+            ) from None

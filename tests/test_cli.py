@@ -116,6 +116,7 @@ def test_trace_analyses_existing_traces(trained_run):
         "softmax",
         "logit-grad",
         "covariance",
+        "paper-appendix",
     }
 
 
@@ -184,3 +185,97 @@ def test_checkpoint_with_a_foreign_tokenizer(tmp_path, trained_run):
     build_tiny_policy(small).save_pretrained(ckpt / "model")
     big.save_pretrained(ckpt / "model")
     assert_one_line_error(invoke("trace", "--run", ckpt), "do not belong together")
+
+
+def test_methods_fields_show_the_ranges_validation_uses():
+    from entropy_lab.config import field_ranges
+
+    result = invoke("methods", "--fields")
+    assert result.exit_code == 0
+    assert field_ranges()["top_p"] == "(0, 1]" and "(0, 1]" in result.output
+    assert field_ranges()["dual_clip_c"] == "> 1 or None"
+
+
+def test_trace_from_a_checkpoint_tables_that_update_only(trained_run, tmp_path, dense_reward):
+    from entropy_lab.records import load_records
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "traces" / "step_000003.parquet").unlink(missing_ok=True)  # another test traced it
+    pooled = json.loads(invoke("trace", "--run", run, "--format", "json").output)
+    assert pooled["scope"] == "run" and pooled["traced_steps"] == 2
+
+    table = invoke("trace", "--run", run / "checkpoints" / "step_2")  # short for step_000002
+    assert table.exit_code == 0, table.output
+    assert (
+        "tables below cover one update: step 3" in table.output and "pools all 3 traced steps" in table.output
+    )
+    (run / "traces" / "step_000003.parquet").unlink()
+    js = invoke("trace", "--run", run / "checkpoints" / "step_000002", "--format", "json")
+    data = json.loads(js.output[js.output.index("{") :])
+    assert data["scope"] == "update" and data["traced_step"] == 3
+    records, _ = load_records(data["trace"])
+    n_update = {row["estimator"]: row["n"] for row in data["tightness"]}
+    assert set(records["step"]) == {3}
+    assert n_update["softmax"] == int(records["omega_softmax"].notna().sum()) > 0  # that file alone
+
+
+def test_compare_seeds_start_at_the_given_seed_and_are_distinct():
+    from entropy_lab.cli.compare import seed_configs
+
+    cfgs = seed_configs("grpo", 3, None, None, None, None, ["seed=5", "lr=0.002"])
+    assert [c.seed for c in cfgs] == [5, 6, 7] and {c.lr for c in cfgs} == {0.002}
+    assert [c.seed for c in seed_configs("steer", 2, None, None, None, None, None)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_compare_runs_k_distinct_seeds_from_the_given_one(tmp_path, tiny_policy_dir, dense_reward):
+    args = ["compare", "grpo", "--seeds", 2, "--set", "seed=5", "--steps", 1, "--task", "arithmetic"]
+    result = invoke(*args, "--model", tiny_policy_dir, *SETS, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("grpo-")) == ["grpo-s5", "grpo-s6"]
+    for name, seed in (("grpo-s5", 5), ("grpo-s6", 6)):
+        assert json.loads((tmp_path / name / "config.json").read_text())["config"]["seed"] == seed
+    rows = [cells for cells in (line.split("│") for line in result.output.splitlines()) if len(cells) > 3]
+    header = next(line.split("┃") for line in result.output.splitlines() if "n_seeds" in line)
+    column = [c.strip() for c in header].index("n_seeds")
+    assert rows[0][1].strip() == "grpo" and rows[0][column].strip() == "2", result.output  # the true count
+
+
+def test_a_configuration_that_cannot_learn_is_warned_about(tmp_path, tiny_policy_dir):
+    """Group size 1 is warned about before training; a run whose rewards never differ, at its end."""
+    args = train_args(tiny_policy_dir, tmp_path / "run")
+    args[args.index("--steps") + 1] = 1
+    result = invoke(*args, "--set", "samples_per_prompt=1")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, result.stderr
+    assert "samples_per_prompt=1" in warnings[0] and "--set samples_per_prompt=2" in warnings[0]
+    assert "every advantage was 0" in warnings[1]  # the random policy never earns a reward
+
+
+def test_resume_with_more_steps_records_the_new_budget(trained_run, tmp_path, dense_reward, tiny_policy_dir):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    args = train_args(tiny_policy_dir, run)
+    args[args.index("--steps") + 1] = 3
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["config"]["steps"] == 3
+    assert pd.read_parquet(run / "metrics.parquet")["step"].tolist() == [1, 2, 3]
+
+
+def test_learnability_warnings_name_the_cause():
+    from entropy_lab.config import TrainConfig
+    from entropy_lab.learnability import outcome_warning, setting_warning
+
+    assert setting_warning(TrainConfig(samples_per_prompt=2)) is None
+    assert "samples_per_prompt=1" in setting_warning(TrainConfig(samples_per_prompt=1))
+    flat = [{"advantage/zero_frac": 1.0, "reward/mean": 0.0, "reward/std": 0.0}] * 3
+    assert "in all 3 steps every reward was 0" in outcome_warning(flat)
+    mixed = [{"advantage/zero_frac": 1.0, "reward/mean": 0.5, "reward/std": 0.5}] * 2  # equal within groups
+    assert "every group's rewards were equal" in outcome_warning(mixed)
+    assert (
+        outcome_warning([*flat, {"advantage/zero_frac": 0.5, "reward/mean": 0.5, "reward/std": 0.5}]) is None
+    )
+    assert outcome_warning([]) is None

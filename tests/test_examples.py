@@ -32,5 +32,5 @@ def test_trace_your_loop_prints_tightness_and_saves_records(tmp_path):
         assert len(values) == 4 and all(math.isfinite(v) for v in values), (name, rows[name])
         assert -1 <= values[0] <= 1 and -1 <= values[1] <= 1 and 0 <= values[3] <= 1
     df, config = load_records(out)
-    assert list(df.columns) == list(COLUMNS) and len(df) > 0
+    assert list(df.columns) == [*COLUMNS, "omega_paper_appendix"] and len(df) > 0
     assert config["example"] == "trace_your_loop"

@@ -64,7 +64,7 @@ def test_delta_entropy_matches_independent_recomputation(left_pad):
         pg_loss(out.logits, ids, resp, adv, resp.sum()).backward()
         opt.step()
     df = step.records
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) == [*COLUMNS, "omega_paper_appendix"]  # contract, then registered extras
     assert len(df) == int(resp.sum())
     rows, pos = torch.tensor(df["sample"].to_numpy()), torch.tensor(df["position"].to_numpy())
     h0 = naive_entropy(before, ids, attn, rows, pos).numpy()

@@ -187,8 +187,12 @@ def test_refuses_to_overwrite_a_run(tiny_policy_dir, tmp_path, isolated_cache):
     assert "--overwrite" in message and "\n" not in message
     assert (out / "metrics.parquet").read_bytes() == before and (out / "marker.txt").exists()
 
+    # a file the project did not write is never deleted: --overwrite refuses until it is moved
+    with pytest.raises(EntropyLabError, match="marker.txt"):
+        Trainer(cfg.replace(steps=2), out, overwrite=True).train()
+    assert (out / "metrics.parquet").read_bytes() == before
+    (out / "marker.txt").unlink()
     Trainer(cfg.replace(steps=2), out, overwrite=True).train()
-    assert not (out / "marker.txt").exists()
     assert RunDir(out).read_metrics()["step"].tolist() == [1, 2]
     assert json.loads((out / "config.json").read_text())["config"]["steps"] == 2
 

@@ -71,7 +71,8 @@ def traced_records(model, seed=0, my_input=False):
 def test_user_estimator_in_records_tightness_figures_and_cli(user_estimators, tmp_path):
     records = traced_records(make_tiny_lm(seed=1))
     column = "omega_twice_softmax"
-    assert list(records.columns) == [*COLUMNS, column]  # contract columns first, in order
+    # contract columns first, in order, then the registered estimators beyond it
+    assert list(records.columns) == [*COLUMNS, "omega_paper_appendix", column]
     np.testing.assert_array_equal(records[column], 2 * records.omega_softmax)
     assert "omega_needs_input" not in records.columns  # requirement absent: not computed, no NaN column
 

@@ -1,0 +1,117 @@
+"""The bad-input catalogue as data: one line per case (``test_bad_inputs.py`` runs them).
+
+CLI cases: (id, command line, fragments the one error line must contain[, working directory]).
+Every CLI case must exit with code 2, print exactly one line (``error: ...``) and leave every
+file of the workspace as it was.
+The command line is split like a shell would; ``{base}`` expands to a small ``train`` on the
+tiny policy, and the other placeholders name paths of the test's workspace:
+
+    {model}    a tiny Hugging Face model directory        {run}      a finished 2-step run
+    {ckpt}     {run}/checkpoints/step_000002              {new}      a path that does not exist yet
+    {file}     a text file                                {empty}    an empty directory
+    {foreign}  a directory holding someone else's file    {ro}       a read-only directory
+    {junk}     a text file named data.parquet             {evil}     a run whose checkpoint carries a pickle payload
+    {noisy}    {run} plus a file entropy-lab did not write
+    {badcfg}   {run} with a mistyped value in config.json {badjson}  {run} with config.json that is not JSON
+    {badmetrics} {run} with a corrupt metrics.parquet     {badtrace} {run} with a truncated trace file
+    {nocol}    {run} whose traces lack omega_softmax
+
+Library cases: (id, name of a function in ``test_bad_inputs.py``, fragments). Each function
+performs one bad call; the test asserts it raises one ``EntropyLabError`` line with the fragments.
+"""
+
+BASE = (
+    "--method grpo --task arithmetic --model {model} --set prompts_per_step=4 --set samples_per_prompt=4 "
+    "--set max_new_tokens=4 --set eval_prompts=8 --set eval_k=2 --set eval_every=1 --set trace_every=1 "
+    "--set checkpoint_every=2 --quiet"
+)
+"""The settings {run} was trained with (2 steps)."""
+
+# fmt: off
+CLI_CASES = [
+    # --- configuration values: range, type, finiteness --------------------------------------
+    ("steps-negative", "train {base} --set steps=-1 --out {new}", ["'steps'", ">= 1", "--set steps="]),
+    ("steps-zero", "train --steps 0 --out {new}", ["'steps'", ">= 1"]),
+    ("clip-eps-low-above-1", "train {base} --set clip_eps_low=2 --out {new}", ["clip_eps_low", "[0, 1)"]),
+    ("lr-nan", "train {base} --set lr=nan --out {new}", ["'lr'", "finite"]),
+    ("lr-inf", "train {base} --set lr=inf --out {new}", ["'lr'", "finite"]),
+    ("temperature-zero", "train {base} --set temperature=0 --out {new}", ["temperature", "> 0"]),
+    ("max-new-tokens-zero", "train {base} --set max_new_tokens=0 --out {new}", ["max_new_tokens", ">= 1"]),
+    ("prompts-per-step-zero", "train {base} --set prompts_per_step=0 --out {new}", ["prompts_per_step"]),
+    ("eval-k-zero", "train {base} --set eval_k=0 --out {new}", ["eval_k", ">= 1"]),
+    ("top-p-above-1", "train {base} --set top_p=1.5 --out {new}", ["top_p", "(0, 1]"]),
+    ("seed-negative", "train {base} --set seed=-1 --out {new}", ["'seed'", ">= 0"]),
+    ("dual-clip-below-1", "train {base} --set dual_clip_c=0.5 --out {new}", ["dual_clip_c", "> 1"]),
+    ("mini-batches-above-batch", "train {base} --set mini_batches=100 --out {new}", ["mini_batches", "exceeds"]),
+    ("device-unknown", "train {base} --set device=tpu --out {new}", ["device", "cpu"]),
+    ("int-field-given-text", "train {base} --set samples_per_prompt=abc --out {new}", ["samples_per_prompt", "expects int"]),
+    ("float-field-given-text", "train --set lr=fast --out {new}", ["expects float"]),
+    ("unknown-config-key", "train --set lrr=1 --out {new}", ["unknown config key", "lr"]),
+    ("set-without-equals", "train --set lr --out {new}", ["key=value"]),
+    ("unknown-objective", "train {base} --set objective=nope --out {new}", ["objective", "ppo"]),
+    ("method-overridden-by-set", "train {base} --set method=steer --out {new}", ["chosen by name"]),
+    ("steps-given-twice", "train {base} --steps 2 --set steps=1 --out {new}", ["given twice", "--steps 2"]),
+    ("unknown-method", "train --method nope --out {new}", ["unknown method", "steer"]),
+    # --- where the run goes ----------------------------------------------------------------------
+    ("out-is-a-file", "train {base} --out {file}", ["is a file"]),
+    ("out-in-read-only-dir", "train {base} --out {ro}/run", ["permission denied", "writable --out"]),
+    ("out-is-a-model", "train {base} --out {model}", ["Hugging Face model", "another --out"]),
+    ("overwrite-a-model", "train {base} --out {model} --overwrite", ["Hugging Face model"]),
+    ("overwrite-a-foreign-dir", "train {base} --out {foreign} --overwrite", ["not empty", "no entropy-lab run"]),
+    ("out-holds-a-run", "train {base} --out {run}", ["already holds a run", "--resume", "--overwrite"]),
+    ("overwrite-with-unknown-files", "train {base} --out {noisy} --overwrite", ["did not write", "notes.txt"]),
+    ("overwrite-cwd", "train {base} --out . --overwrite", ["working directory"], "{run}"),
+    ("overwrite-parent-of-cwd", "train {base} --out .. --overwrite", ["working directory"], "{run}/traces"),
+    ("resume-and-overwrite", "train {base} --out {run} --resume --overwrite", ["exclude each other"]),
+    # --- resuming ---------------------------------------------------------------------------------
+    ("resume-changed-config", "train {base} --steps 2 --set lr=0.01 --out {run} --resume", ["differs in", "lr"]),
+    ("resume-where-no-run", "train {base} --out {empty} --resume", ["no run to resume", "without --resume"]),
+    ("resume-corrupt-metrics", "train {base} --steps 3 --out {badmetrics} --resume", ["metrics.parquet", "unreadable"]),
+    # --- inputs that are missing, empty, truncated or foreign -------------------------------------
+    ("model-missing", "train {base} --model {new} --out {new}", ["not a Hugging Face model directory"]),
+    ("model-foreign-dir", "train {base} --model {foreign} --out {new}", ["not a Hugging Face model directory"]),
+    ("dataset-missing", "train {base} --dataset {new}.parquet --out {new}", ["does not exist"]),
+    ("dataset-not-parquet", "train {base} --dataset {junk} --out {new}", ["could not be read as Parquet"]),
+    ("trace-missing-run", "trace --run {new}", ["no run or checkpoint directory"]),
+    ("trace-a-file", "trace --run {file}", ["is a file"]),
+    ("trace-empty-dir", "trace --run {empty}", ["not a run directory", "config.json"]),
+    ("trace-a-model", "trace --run {model}", ["Hugging Face model"]),
+    ("trace-malformed-config", "trace --run {badjson}", ["malformed"]),
+    ("trace-mistyped-config", "trace --run {badcfg} --step 2", ["not a valid run configuration", "steps"]),
+    ("trace-checkpoint-short-name", "trace --run {run}/checkpoints/step_5", ["no checkpoint at step 5", "step_000002"]),
+    ("trace-step-without-checkpoint", "trace --run {run} --step 7", ["no checkpoint at step 7", "step_000002"]),
+    ("trace-step-contradicts-run", "trace --run {ckpt} --step 1", ["--step"]),
+    ("trace-truncated-trace", "trace --run {badtrace}", ["not a readable Parquet"]),
+    ("trace-bad-format", "trace --run {run} --format xml", ["--format", "json"]),
+    ("trace-malicious-checkpoint", "trace --run {evil}/checkpoints/step_000002", ["refusing to load", "exec"]),
+    ("trace-unknown-method", "trace --run {run} --method nope", ["unknown method"]),
+    ("figures-missing-run", "figures --run {new}", ["no run directory"]),
+    ("figures-missing-column", "figures --run {nocol}", ["omega_softmax"]),
+    ("figures-corrupt-metrics", "figures --run {badmetrics}", ["metrics.parquet", "unreadable"]),
+    ("compare-repeated-method", "compare grpo grpo --out {new} --quiet", ["more than once"]),
+    ("compare-unknown-method", "compare grpo nope --out {new} --quiet", ["unknown method"]),
+    ("compare-zero-seeds", "compare grpo --seeds 0 --out {new} --quiet", ["--seeds", "at least 1"]),
+]
+
+LIBRARY_CASES = [
+    ("loss-nan-advantage", "loss_with_nan_advantage", ["advantages", "non-finite"]),
+    ("trainer-invalid-config", "trainer_with_zero_steps", ["'steps'", ">= 1"]),
+    ("config-json-wrong-type", "config_from_mistyped_dict", ["'lr'", "expects float"]),
+    ("config-json-unknown-key", "config_from_dict_with_unknown_key", ["unknown config key", "lrr"]),
+    ("records-not-parquet", "load_records_of_a_text_file", ["not a readable Parquet"]),
+    ("records-metadata-not-json", "load_records_with_bad_metadata", ["unreadable entropy_lab metadata"]),
+    ("checkpoint-malicious", "load_malicious_trainer_state", ["refusing to load", "exec"]),
+    ("checkpoint-truncated", "load_truncated_trainer_state", ["damaged"]),
+    ("run-create-on-model", "create_run_on_a_model", ["Hugging Face model"]),
+    ("tracer-nan-advantage", "tracer_with_nan_advantage", ["advantages is NaN", "sample 1"]),
+    ("tracer-inf-old-logprob", "tracer_with_inf_old_logprob", ["old_logprobs is NaN or infinite"]),
+    ("tracer-output-without-logits", "tracer_on_a_model_without_logits", ["without a (B, T, V) .logits"]),
+    ("tracer-step-reused", "tracer_step_context_reused", ["already used", "tracer.step(...) again"]),
+    ("tracer-step-nested", "tracer_step_nested_on_one_tracer", ["already tracing", "second EntropyTracer"]),
+    ("tracer-max-positions-zero", "tracer_with_zero_max_positions", ["max_positions", ">= 1"]),
+    ("tracer-max-positions-negative", "tracer_with_negative_max_positions", ["max_positions", ">= 1"]),
+    ("tracer-advantages-wrong-shape", "tracer_with_advantages_of_wrong_shape", ["advantages must have shape"]),
+    ("tracer-response-mask-wrong-shape", "tracer_with_response_mask_of_wrong_shape", ["response_mask must have shape"]),
+    ("tracer-all-zero-mask", "tracer_with_all_zero_response_mask", ["selects no tokens"]),
+]
+# fmt: on
