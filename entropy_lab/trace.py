@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.linear_regime import record_eta_sweep
 from entropy_lab.records import save_records
 from entropy_lab.stats import TokenStats
 from entropy_lab.trace_capture import PreUpdateCapture
@@ -74,6 +75,7 @@ from entropy_lab.trace_forward import (
     post_update_pass,
 )
 from entropy_lab.trace_hooks import StepHooks
+from entropy_lab.trace_jvp import record_jvp
 from entropy_lab.trace_records import build_records
 from entropy_lab.trace_rows import Annotations, TracedTokens, take_rows
 
@@ -95,6 +97,10 @@ class EntropyTracer:
         config: stored in the metadata of saved trace files.
         distributed: trace under torch.distributed data parallelism (``entropy_lab.trace_distributed``):
             None detects it (an initialised process group of more than one rank), True requires it.
+        jvp: also record the ``jvp`` and ``jvp-entropy`` estimators (``entropy_lab.trace_jvp``): one
+            forward-mode pass over the traced rows at the optimizer pre-step hook.
+        eta_grid: multiples eta of the step at which to also measure the traced tokens' entropy,
+            theta + eta dtheta (``entropy_lab.linear_regime``); the records gain ``regime@`` columns.
     """
 
     def __init__(
@@ -107,6 +113,8 @@ class EntropyTracer:
         seed: int = 0,
         config: dict | None = None,
         distributed: bool | None = None,
+        jvp: bool = False,
+        eta_grid: tuple[float, ...] | None = None,
     ):
         get_emb = getattr(model, "get_output_embeddings", None)
         if get_emb is None or get_emb() is None:
@@ -128,6 +136,8 @@ class EntropyTracer:
         self.config = dict(config or {})
         self.distributed = distributed
         self._open: TraceStep | None = None  # the step whose block is running, if any
+        self.jvp = jvp
+        self.eta_grid = eta_grid
 
     def step(
         self,
@@ -244,6 +254,7 @@ class TraceStep:
         self.n_optimizer_steps = 0
         self.token_inputs: dict[str, torch.Tensor] = {}
         self._pre_stats: TokenStats | None = None
+        self.extra_columns: dict[str, torch.Tensor] = {}  # (n,) each, appended to the records as they are
 
     def annotate(self, rows: torch.Tensor | list[int] | None = None, **values: torch.Tensor) -> None:
         """Record objective terms for rows of the batch.
@@ -309,6 +320,10 @@ class TraceStep:
         if bool(missing.any()) or self.dist is not None:  # distributed: every rank joins the forwards
             self._fill_before(missing)
         self._pre_stats = self.capture.stats()  # checks the logits before the parameters move
+        if self.tracer.jvp:
+            record_jvp(self, optimizer)
+        if self.tracer.eta_grid:
+            self.extra_columns.update(record_eta_sweep(self, optimizer, self.tracer.eta_grid))
 
     def _fill_before(self, token_mask: torch.Tensor) -> None:
         for idx, z in self.forward.traced_logits(token_mask):
@@ -362,6 +377,8 @@ class TraceStep:
             inputs=self.token_inputs,
             default_normalizer=self.n_response_tokens,
         )
+        if self.extra_columns:
+            self.records = self.records.assign(**{k: v.cpu().numpy() for k, v in self.extra_columns.items()})
         if self.dist is not None:
             self.records = global_records(self.records, self.dist, self.tokens.device)
 

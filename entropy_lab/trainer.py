@@ -38,6 +38,7 @@ from entropy_lab import checkpoints
 from entropy_lab.advantages import advantages_for_config, mean_token_logprob
 from entropy_lab.batch import RolloutBatch
 from entropy_lab.config import TrainConfig
+from entropy_lab.controllers import build_controller, control_context
 from entropy_lab.errors import EntropyLabError, EntropyLabWarning, os_error_message
 from entropy_lab.models import load_policy, warm_start
 from entropy_lab.objectives import compute_loss, prepare_context, required_inputs
@@ -152,8 +153,13 @@ class Trainer:
             self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm else 1.0
         )
         self.tracer = EntropyTracer(
-            self.model, max_positions=cfg.trace_max_positions or None, seed=cfg.seed, config=cfg.to_dict()
+            self.model,
+            max_positions=cfg.trace_max_positions or None,
+            seed=cfg.seed,
+            config=cfg.to_dict(),
+            jvp=cfg.trace_jvp,
         )
+        self.controller = build_controller(cfg)
         self.eval_set = self.task.eval_problems(cfg.eval_prompts)
         if not create_run:
             return
@@ -204,6 +210,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpoints.rng_state(self.np_rng, self.shuffle_gen, self.loss_gen),
             "config": self.cfg.to_dict(),
+            "controller": self.controller.state_dict(),
         }
 
     def save_checkpoint(self, step: int) -> Path:
@@ -218,6 +225,7 @@ class Trainer:
     def _apply_state(self, state: dict) -> int:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.controller.load_state_dict(state.get("controller", {}))
         checkpoints.set_rng_state(state["rng"], self.np_rng, self.shuffle_gen, self.loss_gen)
         return int(state["step"])
 
@@ -349,6 +357,8 @@ class Trainer:
                 with ctx as trace:
                     self.optimizer.zero_grad(set_to_none=True)
                     self._accumulate(step, batch, mb, trace, sums)
+                    for k, v in self.controller.before_step(control_context(self, batch, mb)).items():
+                        sums[k].append(v)
                     self._optimizer_step(step, sums)
                 if trace is not None:
                     records.append(trace.records)
@@ -378,6 +388,8 @@ class Trainer:
             metrics = self._batch_metrics(step, batch)
             n_tok, n_seq = float(batch.mask.sum()), float(len(rows))
             self._loss_backward(step, batch, rows, 0, logprob, entropy, collision, n_tok, n_seq, trace, sums)
+            for k, v in self.controller.before_step(control_context(self, batch, rows)).items():
+                sums[k].append(v)
             self._optimizer_step(step, sums)
         metrics.update(self._update_metrics(step, sums, [] if trace is None else [trace.records]))
         return metrics

@@ -10,8 +10,8 @@ Deliberate simplifications:
   the additive ``sum_abs`` columns; the gain in the calibrated panel's title is the first
   run's median per-update gain of the tabular base (pooled rows), not re-pooled.
 - ``coupling_study_figure`` draws, per optimizer, one colour per estimator and one line
-  style per learning rate (ranked within the optimizer, whose rates differ); gains span orders of magnitude and can be negative, so their
-  axis is symmetric-log.
+  style per learning rate (ranked within the optimizer, whose rates differ); gains span orders
+  of magnitude: a log axis, symmetric-log once one of them is not positive.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ PART_NAMES = {
 }
 PART_RANK = {MEASURED: 0, JVP: 2, "coupling": 3, "nonlinearity": 4, "curvature": 5, "omission": 6}
 TOKENS_LABEL = axis_label("tokens per update", "count, log scale", "batch-level")
+# (axis label, what the panel title says it is)
 STUDY_METRICS = {
-    "pearson": axis_label("Pearson r of ω with ΔH", "unitless", TOKEN),
-    "spearman": axis_label("Spearman ρ of ω with ΔH", "unitless", TOKEN),
-    "gain": axis_label("gain g = Σ ΔH ω / Σ ω²", "ratio, symlog", TOKEN),
+    "pearson": (axis_label("Pearson r", "unitless", TOKEN), "Pearson r of ω with ΔH"),
+    "spearman": (axis_label("Spearman ρ", "unitless", TOKEN), "Spearman ρ of ω with ΔH"),
+    "gain": (axis_label("gain g", "ratio", TOKEN), "gain g = Σ ΔH ω / Σ ω²"),
 }
 
 
@@ -138,7 +139,7 @@ def coupling_study_figure(
     usable = len(table) > 0 and needed <= set(table.columns)
     optimizers = list(dict.fromkeys(table["optimizer"])) if usable else ["optimizer"]
     with styled():
-        fig, axes = new_figure(len(metrics) * len(optimizers), ncols=len(optimizers), panel_size=(4.0, 2.8))
+        fig, axes = new_figure(len(metrics) * len(optimizers), ncols=len(optimizers), panel_size=(4.4, 3.0))
         grid = {
             (m, o): axes[i * len(optimizers) + j]
             for i, m in enumerate(metrics)
@@ -146,8 +147,9 @@ def coupling_study_figure(
         }
         for (metric, optimizer), ax in grid.items():
             ax.set_xlabel(TOKENS_LABEL)
-            ax.set_ylabel(STUDY_METRICS.get(metric, axis_label(metric, "unitless", TOKEN)))
-            ax.set_title(f"{optimizer}: {metric}")
+            label, title = STUDY_METRICS.get(metric, (axis_label(metric, "unitless", TOKEN), metric))
+            ax.set_ylabel(label)
+            ax.set_title(f"{optimizer}: {title}")
         if not usable:
             for ax in axes:
                 no_data(ax)
@@ -167,7 +169,12 @@ def coupling_study_figure(
                 drawn = drawn or np.isfinite(y).any()
             ax.set_xscale("log")
             if metric == "gain":
-                ax.set_yscale("symlog", linthresh=1.0)
+                values = pd.to_numeric(rows[metric], errors="coerce")
+                # log scale while every gain is positive; symmetric-log once one is not
+                if (values.dropna() > 0).all():
+                    ax.set_yscale("log")
+                else:
+                    ax.set_yscale("symlog", linthresh=1.0)
                 ax.axhline(1.0, color="0.6", lw=0.6, ls=":")
             else:
                 ax.set_ylim(top=1.02)

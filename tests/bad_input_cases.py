@@ -99,6 +99,7 @@ LIBRARY_CASES = [
     ("config-json-wrong-type", "config_from_mistyped_dict", ["'lr'", "expects float"]),
     ("config-json-unknown-key", "config_from_dict_with_unknown_key", ["unknown config key", "lrr"]),
     ("records-not-parquet", "load_records_of_a_text_file", ["not a readable Parquet"]),
+    ("records-metadata-not-json", "load_records_with_bad_metadata", ["unreadable entropy_lab metadata"]),
     ("checkpoint-malicious", "load_malicious_trainer_state", ["refusing to load", "exec"]),
     ("checkpoint-truncated", "load_truncated_trainer_state", ["damaged"]),
     ("run-create-on-model", "create_run_on_a_model", ["Hugging Face model"]),

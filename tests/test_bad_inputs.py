@@ -175,6 +175,18 @@ def load_records_of_a_text_file(paths):
     load_records(paths["junk"])
 
 
+def load_records_with_bad_metadata(paths):
+    import pyarrow.parquet as pq
+
+    from entropy_lab.records import METADATA_KEY, load_records
+
+    path = Path(paths["run"]) / "traces" / "step_000001.parquet"
+    table = pq.read_table(path)
+    meta = {**(table.schema.metadata or {}), METADATA_KEY: b"__import__('os').system('true')"}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    load_records(path)
+
+
 def load_malicious_trainer_state(paths):
     from entropy_lab.checkpoints import load_trainer_state
 

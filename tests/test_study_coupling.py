@@ -124,10 +124,16 @@ def test_study_table_and_figure(tiny_policy_dir, dense_reward):
     assert one["gain"].item() == pytest.approx(np.dot(x, y) / np.dot(x, x))
     assert table["coupling_share"].notna().all()
     wide = wide_table(table)
-    assert len(wide) == 6 and {"r logit-grad", "g paper", "coupling_share_calibrated"} <= set(wide.columns)
+    assert len(wide) == 6 and {"r logit-grad", "rho paper", "g paper", "coupling_share_calibrated"} <= set(
+        wide.columns
+    )
+    assert wide[["optimizer", "tokens_per_update"]].values.tolist()[:2] == [["sgd", 1], ["sgd", 3]]
     fig = coupling_study_figure(table)
     assert len(fig.axes) == 6 and fig.axes[0].get_title() == "sgd: pearson"
-    assert fig.axes[4].get_yscale() == "symlog"
+    gains = table[table.optimizer == "sgd"]["gain"]
+    assert fig.axes[4].get_yscale() == ("log" if (gains > 0).all() else "symlog")
+    negative = table.assign(gain=np.where(table.estimator == "paper", -1.0, table["gain"]))
+    assert coupling_study_figure(negative).axes[4].get_yscale() == "symlog"
     empty = coupling_study_figure(pd.DataFrame())
     assert all("no data" in [t.get_text() for t in ax.texts] for ax in empty.axes)
 

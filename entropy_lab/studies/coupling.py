@@ -282,14 +282,17 @@ def study_table(records: pd.DataFrame) -> pd.DataFrame:
         ``omega_*`` column with a finite value): ``updates``, ``estimator``, the statistics of
         ``fit_statistics`` (``n``, ``pearson``, ``spearman``, ``sign_agreement``, ``gain``,
         ``r2`` ...), and per setting the decomposition's ``split``, ``coupling_share`` and
-        ``coupling_share_calibrated`` (tabular base ``logit-grad``; with ``omega_jvp`` the
-        coupling is omega_jvp minus it) and ``curvature_share``.
+        ``coupling_share_calibrated`` (tabular base ``logit-grad``, calibrated by one gain per
+        setting; with ``omega_jvp`` the coupling is omega_jvp minus it) and ``curvature_share``.
     """
     columns = [c for c in records.columns if str(c).startswith("omega_")]
     rows = []
     for setting, group in records.groupby(SETTING_COLUMNS, sort=False):
         floor = default_noise_floor(as_float(group[MEASURED]))
-        parts = decomposition_summary(group.drop(columns=SETTING_COLUMNS), by=()).set_index("part")
+        # One gain per setting (all its updates share lr, k and the start), not per update:
+        # with one token per update a per-update gain would fit every token exactly.
+        parts = decomposition_summary(group.drop(columns=[*SETTING_COLUMNS, "update"]), by=())
+        parts = parts.set_index("part")
         shared = {
             **dict(zip(SETTING_COLUMNS, setting, strict=True)),
             "updates": group["update"].nunique(),
@@ -311,17 +314,22 @@ def study_table(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def wide_table(table: pd.DataFrame, estimators=FIGURE_ESTIMATORS) -> pd.DataFrame:
-    """One row per setting: Pearson and gain of each estimator side by side, and the shares."""
+WIDE_ESTIMATORS = ("paper", "logit-grad", "jvp", "jvp-entropy")
+"""Estimators of the printed table (``softmax`` equals ``logit-grad`` for this loss)."""
+
+
+def wide_table(table: pd.DataFrame, estimators=WIDE_ESTIMATORS) -> pd.DataFrame:
+    """One row per setting, in the study's order: Pearson (r), Spearman (rho) and gain (g) of each
+    estimator side by side, and the calibrated coupling share."""
     present = [e for e in estimators if e in set(table["estimator"])]
     index = [*SETTING_COLUMNS, "updates"]
-    pearson = table.pivot_table(index=index, columns="estimator", values="pearson", sort=False)
-    gain = table.pivot_table(index=index, columns="estimator", values="gain", sort=False)
-    shares = table.groupby(index, sort=False)[["coupling_share", "coupling_share_calibrated"]].first()
-    out = pd.concat(
-        [pearson[present].add_prefix("r "), gain[present].add_prefix("g "), shares], axis=1
-    ).reset_index()
-    return out
+    order = table[index].drop_duplicates()
+    parts = [
+        table.pivot_table(index=index, columns="estimator", values=value)[present].add_prefix(prefix)
+        for value, prefix in (("pearson", "r "), ("spearman", "rho "), ("gain", "g "))
+    ]
+    parts.append(table.groupby(index)[["coupling_share_calibrated"]].first())
+    return order.merge(pd.concat(parts, axis=1).reset_index(), on=index, how="left")
 
 
 def write_coupling_study(
