@@ -13,7 +13,10 @@ Timed, interleaved within every repeat (median over repeats, after a warm-up):
 (b) jvp:     ``predict_update(optimizer)`` + one forward-mode pass with tangent dtheta at the same
     positions (``entropy_lab.jvp.jvp_logits``) + both predictions (``jvp_estimates``).
 
-Target: jvp <= 3.0 x forward. The optimizer holds Adam state from one real step, so the update
+Target: jvp <= 3.0 x forward. Forward-mode AD of a matmul x W^T costs three matmuls (x W^T, dx W^T,
+x dW^T), so a matmul-bound model sits near 3x before any elementwise overhead; on a 2-core CPU with
+one thread the defaults measured 3.5x (eager) to 4.0x (sdpa, whose forward uses a fused CPU kernel
+that forward-mode AD must replace with the math kernel). The optimizer holds Adam state from one real step, so the update
 prediction does its full work. Defaults to one thread: timings on a shared machine are only stable so.
 """
 

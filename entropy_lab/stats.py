@@ -257,6 +257,7 @@ def entropy_change_stats(
     before_logsumexp: torch.Tensor | None = None,
     before_entropy: torch.Tensor | None = None,
     chunk_bytes: int | None = None,
+    check_changed: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Entropy after an update and the first-order change along the actual logit change, one pass.
 
@@ -265,6 +266,8 @@ def entropy_change_stats(
         before_logsumexp, before_entropy: (n,) each, or None: ``token_stats(before)``'s
             ``logsumexp`` and ``entropy``, when the caller has them from its pre-update pass.
             Given both, the pre-update side costs no log-softmax and no entropy pass here.
+        check_changed: False skips the check behind ``changed`` (then False), for a caller that
+            already knows some logit moved.
     Returns:
         (entropy_after (n,), linear (n,), changed): ``linear = -sum_k pi_k l_k (after - before)_k``
         at the ``before`` distribution, with NaN logit differences (an entry masked with -inf on
@@ -301,7 +304,7 @@ def entropy_change_stats(
         entropy_after[s : s + step], linear[s : s + step] = h_a, lin
         # -inf - -inf is NaN where a masked entry stays masked: no change there. Checked only
         # until a change is found (the first chunk, in practice).
-        changed = changed or bool(torch.nan_to_num(dz, nan=0.0).any())
+        changed = changed or (check_changed and bool(torch.nan_to_num(dz, nan=0.0).any()))
     # Rows with -inf logits come out NaN or inf on the fast path: redo them exactly, once per call.
     redo = _nonfinite_rows(entropy_after, linear)
     for s in range(0, len(redo), step):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.stats import TokenStats, entropy_change_stats
+from entropy_lab.stats import TokenStats, entropy_change_stats, resolve_chunk_bytes, rows_per_chunk
 from entropy_lab.trace_distributed import DistInfo
 from entropy_lab.trace_rows import TracedTokens, take_rows
 
@@ -108,6 +108,15 @@ class OwnForward:
     @torch.no_grad()
     def traced_logits(self, token_mask: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (token_idx (k,), logits at those tokens (k, V)) for the traced tokens in ``token_mask`` (n,)."""
+        for idx, logits, local, column in self.traced_logit_blocks(token_mask):
+            yield idx, logits[local, column]
+
+    @torch.no_grad()
+    def traced_logit_blocks(
+        self, token_mask: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like ``traced_logits``, without gathering: yield (token_idx (k,), the forward's logits
+        (r, T or K, V), and the row (k,) and column (k,) in them of each token)."""
         tok = self.tokens
         input_ids = tok.input_ids
         rows = tok.b_idx[token_mask].unique()
@@ -144,13 +153,13 @@ class OwnForward:
                 ctx = torch.autocast(dev_type, dtype=dtype) if enabled else contextlib.nullcontext()
                 with ctx:
                     logits = require_logits(self.model(input_ids=input_ids[chunk], **kw))  # (r, T or K, V)
-                # One gather for the whole forward: (k,) token indices and their (k, V) logits.
+                # (k,) token indices, their rows and columns in the logits; grouped by row, in position order.
                 parts = [tok.tokens_of_row[b] for b in chunk.tolist()]
                 local = torch.cat([torch.full_like(p, i) for i, p in enumerate(parts)])
                 idx = torch.cat(parts)
                 keep_tok = token_mask[idx]
                 idx, local = idx[keep_tok], local[keep_tok]
-                yield idx, logits[local, column[tok.t_idx[idx] - 1]]
+                yield idx, logits, local, column[tok.t_idx[idx] - 1]
             for _ in range(n_dummy):  # FSDP all-gathers in every forward: match the other ranks' count
                 self._dummy_forward()
         finally:
@@ -170,6 +179,15 @@ class OwnForward:
         self.model(input_ids=self.tokens.input_ids[:1], **kw)
 
 
+def take_tokens(logits: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``logits[rows, columns]``: (r, K, V), (c,), (c,) -> (c, V); a view (no copy) when the tokens are
+    consecutive columns of one row, as a chunk of one response's tokens is."""
+    c = len(rows)
+    if c and bool((rows == rows[0]).all()) and (c == 1 or bool((columns.diff() == 1).all())):
+        return logits[int(rows[0]), int(columns[0]) : int(columns[0]) + c]
+    return logits[rows, columns]
+
+
 def post_update_pass(
     forward: OwnForward, z_before: torch.Tensor, chunk_bytes: int | None, pre: TokenStats | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -177,25 +195,32 @@ def post_update_pass(
 
     delta_logit_linear = -sum_k pi_k l_k (z_after - z_before)_k, first order in the actual logit change.
     ``pre``: the pre-update statistics of the traced tokens; their log-sum-exp and entropy spare
-    the pass a log-softmax and an entropy of ``z_before``.
+    the pass a log-softmax and an entropy of ``z_before``. The post-update logits are read chunk
+    by chunk straight from the forward's output, never copied out whole.
     """
     use_pre = pre is not None and pre.logsumexp is not None
     tokens = forward.tokens
-    n = z_before.shape[0]
+    n, vocab = z_before.shape
     entropy_after = torch.empty(n, dtype=torch.float64, device=z_before.device)
     linear = torch.empty(n, dtype=torch.float64, device=z_before.device)
     changed_any = False
-    for idx, z_a in forward.traced_logits(torch.ones(n, dtype=torch.bool, device=z_before.device)):
-        tokens.check_finite(z_a, "post-update", idx)
-        # One pass per chunk: entropy after, and the first-order change along dz = z_a - z_b
-        # (-inf - -inf is NaN where a masked vocabulary stays masked: no change there).
-        h_after, lin, changed = entropy_change_stats(
-            take_rows(z_before, idx),
-            z_a,
-            before_logsumexp=take_rows(pre.logsumexp, idx) if use_pre else None,
-            before_entropy=take_rows(pre.entropy, idx) if use_pre else None,
-            chunk_bytes=chunk_bytes,
-        )
-        entropy_after[idx], linear[idx] = h_after.double(), lin.double()
-        changed_any = changed_any or changed
+    step = rows_per_chunk(vocab, resolve_chunk_bytes(chunk_bytes, z_before.device))
+    everything = torch.ones(n, dtype=torch.bool, device=z_before.device)
+    for idx_all, logits, local, column in forward.traced_logit_blocks(everything):
+        for s in range(0, len(idx_all), step):
+            idx = idx_all[s : s + step]  # (c,)
+            z_a = take_tokens(logits, local[s : s + step], column[s : s + step])  # (c, V)
+            tokens.check_finite(z_a, "post-update", idx)
+            # Entropy after, and the first-order change along dz = z_a - z_b (-inf - -inf is NaN where
+            # a masked vocabulary stays masked: no change there).
+            h_after, lin, changed = entropy_change_stats(
+                take_rows(z_before, idx),
+                z_a,
+                before_logsumexp=take_rows(pre.logsumexp, idx) if use_pre else None,
+                before_entropy=take_rows(pre.entropy, idx) if use_pre else None,
+                chunk_bytes=chunk_bytes,
+                check_changed=not changed_any,
+            )
+            entropy_after[idx], linear[idx] = h_after.double(), lin.double()
+            changed_any = changed_any or changed
     return entropy_after, linear, changed_any

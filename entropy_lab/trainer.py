@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entropy_lab import checkpoints
+from entropy_lab import checkpoints, learnability
 from entropy_lab.advantages import advantages_for_config, mean_token_logprob
 from entropy_lab.batch import RolloutBatch
 from entropy_lab.config import TrainConfig
@@ -173,28 +173,15 @@ class Trainer:
         self.callback("warning", {"message": message})
 
     def warn_if_cannot_learn(self) -> None:
-        """Settings under which every advantage is 0 by construction."""
-        cfg = self.cfg
-        if cfg.samples_per_prompt == 1 and cfg.advantage in ("grpo", "grpo-no-std", "rloo"):
-            self._warn(
-                f"samples_per_prompt=1: the {cfg.advantage} advantage compares samples within a group, so "
-                "every advantage is 0 and the policy gradient is 0; use --set samples_per_prompt=2 or more"
-            )
+        """A setting under which every advantage is 0 by construction (``entropy_lab.learnability``)."""
+        message = learnability.setting_warning(self.cfg)
+        if message:
+            self._warn(message)
 
     def _warn_if_nothing_learned(self) -> None:
-        """After the run: every advantage of every step was 0 (one reward value per group, always)."""
-        rows = self.metrics_rows
-        if rows and all(r.get("advantage/zero_frac", 0.0) == 1.0 for r in rows):
-            rewards = sorted({round(float(r["reward/mean"]), 6) for r in rows if r.get("reward/std", 1) == 0})
-            what = (
-                f"every reward was {rewards[0]:g}"
-                if len(rewards) == 1
-                else "every group's rewards were equal"
-            )
-            self._warn(
-                f"in all {len(rows)} steps {what}: every advantage was 0, so the policy gradient never "
-                "moved the policy; use an easier task, more samples_per_prompt or another reward"
-            )
+        message = learnability.outcome_warning(self.metrics_rows)
+        if message:
+            self._warn(message)
 
     def _copy_policy(self):
         import copy

@@ -33,7 +33,8 @@ def linear_regime_figure(tightness: pd.DataFrame, shares: pd.DataFrame) -> Figur
         ax_r.set(xscale="log", xlabel="eta (multiple of the step)", ylabel="Pearson vs measured dH")
         ax_g.set(
             xscale="log",
-            yscale="symlog",
+            # gains span 1 (jvp) to ~1e5 (tabular forms under Adam): log where all are positive
+            yscale="log" if bool((tightness["gain"].dropna() > 0).all()) else "symlog",
             xlabel="eta (multiple of the step)",
             ylabel="gain (1 = right scale)",
         )
