@@ -14,6 +14,8 @@ Deliberate simplifications:
   step-to-step noise. Evaluations are sparse, so their "final" is the last evaluation.
 - ``mean_abs_entropy_step`` is the mean |entropy/mean[t+1] - entropy/mean[t]| over
   consecutive logged steps (batch-level entropy, so it includes sampling noise).
+- ``entropy_tracking_error`` is the mean |entropy/mean - entropy/target| over the second half
+  of a run's logged steps, where the metrics carry the run's target (``entropy/target``).
 - Across seeds: the mean and the half-width of a two-sided t-interval
   (``<stat>_ci``; mean +- half-width covers the method's mean at ``confidence``). One
   seed gives a NaN half-width; identical seeds give 0.
@@ -32,6 +34,7 @@ from scipy import stats
 from .tightness import as_float, require_columns
 
 ENTROPY = "entropy/mean"
+ENTROPY_TARGET = "entropy/target"
 REWARD = "reward/mean"
 ACCURACY = "eval/accuracy"
 PASS_AT_K = re.compile(r"^eval/pass@(\d+)$")
@@ -100,6 +103,10 @@ def _metric_stats(run: pd.DataFrame, tail_fraction: float) -> dict[str, float]:
         out["final_entropy"] = _tail_mean(entropy, tail_fraction)
         steps = np.abs(np.diff(entropy[np.isfinite(entropy)]))
         out["mean_abs_entropy_step"] = float(steps.mean()) if len(steps) else float("nan")
+        if ENTROPY_TARGET in run.columns:
+            gap = np.abs(entropy - run[ENTROPY_TARGET].to_numpy())[len(entropy) // 2 :]
+            gap = gap[np.isfinite(gap)]
+            out["entropy_tracking_error"] = float(gap.mean()) if len(gap) else float("nan")
     if REWARD in run.columns:
         reward = run[REWARD].to_numpy()
         out["initial_reward"] = _first(reward)
@@ -128,12 +135,13 @@ def run_summary(
 
     Returns columns ``method``, ``seed``, ``n_steps`` and, where the inputs have them,
     ``initial_entropy``, ``final_entropy``, ``mean_abs_entropy_step`` (nats, batch-level),
+    ``entropy_tracking_error`` (with an ``entropy/target`` column),
     ``initial_reward``, ``final_reward``, ``best_accuracy``, ``final_accuracy``,
     ``final_pass@k`` per k.
     """
     require_columns(metrics, ["step"], "Run comparison")
     metrics = label_runs(metrics)
-    columns = [c for c in (ENTROPY, REWARD) if c in metrics.columns]
+    columns = [c for c in (ENTROPY, REWARD, ENTROPY_TARGET) if c in metrics.columns]
     per_step = _per_step(metrics, columns)
     rows = {
         key: {"method": key[0], "seed": key[1], **_metric_stats(run, tail_fraction)}

@@ -74,6 +74,10 @@ def collect(
     for method, dirs in runs.items():
         for run, seed in zip(dirs, seeds_of(dirs), strict=True):
             run_metrics, run_evals = read_tables(run)
+            target = config_record(run).get("entropy_target")
+            if target is not None and "entropy/target" not in run_metrics.columns:
+                # The run's entropy target, so that every method's tracking error is measured against it.
+                run_metrics = run_metrics.assign(**{"entropy/target": float(target)})
             if len(run_metrics):
                 metrics.append(run_metrics.assign(method=method, seed=seed))
             if len(run_evals):

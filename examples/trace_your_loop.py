@@ -83,7 +83,8 @@ dH = df.delta_entropy.to_numpy()
 above = np.abs(dH) > NOISE_FLOOR
 print(f"sign agreement over the {above.sum()} tokens with |dH| > {NOISE_FLOOR:g} nats")
 print(f"{'estimator':<15}{'pearson':>9}{'spearman':>10}{'gain':>11}{'sign agree':>12}")
-for name, col in [(n, column_name(n)) for n in ESTIMATORS] + [("(logit-linear)", "delta_logit_linear")]:
+computed = [(n, column_name(n)) for n in ESTIMATORS if column_name(n) in df.columns]  # opt-in ones absent
+for name, col in computed + [("(logit-linear)", "delta_logit_linear")]:
     omega = df[col].to_numpy()
     gain = (dH * omega).sum() / (omega**2).sum()  # least squares dH ~ g * omega
     sign = (np.sign(omega[above]) == np.sign(dH[above])).mean()

@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from entropy_lab.analyses.decomposition import JVP, SPLIT_JVP
 from entropy_lab.analyses.tightness import MEASURED
 
-from .style import ALL, LINESTYLES, TOKEN, axis_label, colors, new_figure, no_data, series_labels, styled
+from .style import LINESTYLES, TOKEN, axis_label, colors, new_figure, no_data, series_labels, styled
 
 PART_LABEL = axis_label("part of ΔH", "identity term", TOKEN)
 SHARE_LABEL = axis_label("Σ|part| / Σ|ΔH|", "ratio", TOKEN)
@@ -111,7 +111,7 @@ def decomposition_bar(summary: pd.DataFrame) -> Figure:
             else "three-way split (no ω jvp column): first order → coupling → curvature",
             fontsize="medium",
         )
-        if len(runs) > 1 or runs != [ALL]:
+        if len(runs) > 1:
             cal_ax.legend(frameon=False, fontsize="small")
     return fig
 

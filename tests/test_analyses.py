@@ -417,3 +417,12 @@ def test_curves_mean_and_interval_per_step():
     assert grpo.loc[0, "upper"] == pytest.approx(0.8 + half)
     assert table[table["method"] == "steer"]["ci"].isna().all()
     assert t_interval(np.array([np.nan, 2.0, 2.0])) == (2.0, 0.0)
+
+
+def test_entropy_tracking_error_is_the_second_half_mean_gap_to_the_target():
+    entropy = np.array([0.9, 0.7, 0.5, 0.3, 0.1, 0.2])
+    metrics = make_metrics("grpo", 0, entropy).assign(**{"entropy/target": 0.25})
+    row = run_summary(metrics).iloc[0]
+    # second half: steps 3, 4, 5 -> |0.3-0.25|, |0.1-0.25|, |0.2-0.25| = 0.05, 0.15, 0.05
+    assert row["entropy_tracking_error"] == pytest.approx((0.05 + 0.15 + 0.05) / 3)
+    assert "entropy_tracking_error" not in run_summary(make_metrics("grpo", 0, entropy)).columns

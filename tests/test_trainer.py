@@ -267,8 +267,8 @@ def test_nan_loss_after_a_checkpoint_stops_and_keeps_it(
     original_forward = Trainer._forward_stats
 
     def poison_forward(self, *args, **kwargs):
-        logprob, entropy, collision, old = original_forward(self, *args, **kwargs)
-        return logprob * float("nan"), entropy, collision, old
+        logprob, *rest = original_forward(self, *args, **kwargs)  # rest: entropy, collision[, old stats]
+        return (logprob * float("nan"), *rest)
 
     def inject(trainer):
         saved.update(state_of(trainer.model))

@@ -13,13 +13,13 @@ Layout: row b of the tracer's ``input_ids`` is sequence b of the batch, its prom
 response tokens left-aligned and right-padded: the layout verl's FSDP engine forwards with
 ``use_remove_padding=False``. The engine's training forwards are then recognised by content
 and give the pre-update logits; with remove-padding (packed (1, total) forwards) the tracer
-takes them from one no-grad forward of its own when the optimizer steps (still exact, one
-forward more, and no ``logit-grad`` estimator).
+should take them from one no-grad forward of its own when the optimizer steps (one forward
+more, no ``logit-grad`` estimator); that path is not tested.
 
 Simplifications:
 - Records are annotated with verl's advantages and old log-probs; clip indicator,
   intervention weight and normaliser keep the tracer's defaults (1, 1, response tokens of
-  the batch = verl's token-mean at dp_size 1).
+  the global batch = verl's token-mean).
 - The tracer measures the model's own distribution (temperature 1); verl's loss divides the
   logits by ``temperature``: trace runs with rollout temperature 1.
 - With data parallelism (dp > 1) each rank traces its own shard; the tracer detects the
