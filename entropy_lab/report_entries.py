@@ -123,7 +123,9 @@ def weights_vary(records: pd.DataFrame) -> bool:
 def noise_floor(tables: Tables) -> float:
     """The sign-agreement noise floor used in the tightness table (NaN without one)."""
     tightness = tables.get("tightness")
-    floors = finite_values(tightness["noise_floor"]) if tightness is not None and len(tightness) else []
+    floors = np.zeros(0)
+    if tightness is not None and len(tightness):
+        floors = finite_values(tightness["noise_floor"])
     return float(floors[0]) if len(floors) else float("nan")
 
 

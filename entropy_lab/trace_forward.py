@@ -108,14 +108,12 @@ class OwnForward:
             for s in range(0, len(rows), bs):
                 chunk = rows[s : s + bs]  # (r,)
                 # Only the positions that predict traced tokens need the LM head (HF's logits_to_keep).
-                keep: torch.Tensor | None = (
-                    tok.t_idx[torch.cat([tok.tokens_of_row[b] for b in chunk.tolist()])] - 1
-                ).unique()
-                column = torch.arange(T, device=keep.device)  # position -> column of the logits
-                if self.keeps_logits and len(keep) < T:
-                    column[keep] = torch.arange(len(keep), device=keep.device)
-                else:
-                    keep = None
+                needed = (tok.t_idx[torch.cat([tok.tokens_of_row[b] for b in chunk.tolist()])] - 1).unique()
+                column = torch.arange(T, device=needed.device)  # position -> column of the logits
+                keep: torch.Tensor | None = None
+                if self.keeps_logits and len(needed) < T:
+                    column[needed] = torch.arange(len(needed), device=needed.device)
+                    keep = needed
                 kw = {
                     k: v[chunk] if isinstance(v, torch.Tensor) and v.shape[:1] == input_ids.shape[:1] else v
                     for k, v in self.forward_kwargs.items()
@@ -127,6 +125,7 @@ class OwnForward:
                 ctx = torch.autocast(dev_type, dtype=dtype) if enabled else contextlib.nullcontext()
                 with ctx:
                     logits = logits_of(self.model(input_ids=input_ids[chunk], **kw))  # (r, T or K, V)
+                assert logits is not None, "the model's output holds logits"
                 # One gather for the whole forward: (k,) token indices and their (k, V) logits.
                 parts = [tok.tokens_of_row[b] for b in chunk.tolist()]
                 local = torch.cat([torch.full_like(p, i) for i, p in enumerate(parts)])
@@ -148,7 +147,9 @@ def post_update_pass(
     ``pre``: the pre-update statistics of the traced tokens; their log-sum-exp and entropy spare
     the pass a log-softmax and an entropy of ``z_before``.
     """
-    use_pre = pre is not None and pre.logsumexp is not None
+    lse = pre.logsumexp if pre is not None else None  # (n,) or None
+    h_before = pre.entropy if pre is not None else None  # (n,) or None
+    use_pre = lse is not None and h_before is not None
     tokens = forward.tokens
     n = z_before.shape[0]
     entropy_after = torch.empty(n, dtype=torch.float64, device=z_before.device)
@@ -161,8 +162,8 @@ def post_update_pass(
         h_after, lin, changed = entropy_change_stats(
             take_rows(z_before, idx),
             z_a,
-            before_logsumexp=take_rows(pre.logsumexp, idx) if use_pre else None,
-            before_entropy=take_rows(pre.entropy, idx) if use_pre else None,
+            before_logsumexp=take_rows(lse, idx) if lse is not None and use_pre else None,
+            before_entropy=take_rows(h_before, idx) if h_before is not None and use_pre else None,
             chunk_bytes=chunk_bytes,
         )
         entropy_after[idx], linear[idx] = h_after.double(), lin.double()

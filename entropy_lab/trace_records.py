@@ -47,7 +47,9 @@ def build_records(
         inputs: further per-token inputs (n,) for estimators that require them.
     """
     n = tokens.n
+    assert pre.logprob is not None, "pre-update statistics are computed with the traced targets"
     logprob = pre.logprob.double()
+    lr_value = float("nan") if lr is None else float(lr)
     nan = torch.full((n,), float("nan"), dtype=torch.float64, device=tokens.device)
     advantage = annotations.get("advantage", tokens.advantage if tokens.advantage is not None else nan)
     q = TokenQuantities(
@@ -59,7 +61,7 @@ def build_records(
         clip_indicator=annotations.get("clip_indicator", 1.0),
         intervention_weight=annotations.get("intervention_weight", 1.0),
         normalizer=annotations.get("normalizer", tokens.n_response_tokens),
-        lr=float("nan") if lr is None else float(lr),
+        lr=lr_value,
         logit_grad_dot=logit_grad_dot,
         inputs=dict(inputs or {}),
     )
@@ -76,7 +78,7 @@ def build_records(
         "intervention_weight": q.intervention_weight,
         "normalizer": q.normalizer,
         "weight": q.weight,
-        "lr": torch.full((n,), q.lr, dtype=torch.float64),
+        "lr": torch.full((n,), lr_value, dtype=torch.float64),
         "prob": q.prob,
         "logprob": logprob,
         "surprisal": -logprob,

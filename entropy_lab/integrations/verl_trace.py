@@ -130,7 +130,7 @@ class VerlTraceRun:
         if not traced:
             output = worker.train_batch(data)
         else:
-            inputs = tracer_inputs(data, pad_token_id)
+            inputs: dict[str, Any] = tracer_inputs(data, pad_token_id)
             position_ids = inputs.pop("position_ids", None)
             tracer = self._tracer_for(worker.engine.module)
             fwd = {} if position_ids is None else {"position_ids": position_ids}
@@ -138,13 +138,14 @@ class VerlTraceRun:
                 output = worker.train_batch(data)
             self.run.traces_dir.mkdir(exist_ok=True)
             st.save(self.run.trace_path(step))
-        row = {"step": step, "traced": traced}
+        row: dict[str, Any] = {"step": step, "traced": traced}
         metrics = output.get("metrics", None) if output is not None else None
         if metrics is not None:
             metrics = metrics.data if hasattr(metrics, "data") else metrics
             row.update({k: float(v) for k, v in dict(metrics).items() if isinstance(v, int | float)})
         if traced:
             rec = st.records
+            assert rec is not None  # the traced block has finished
             row.update(
                 {
                     "entropy/before": float(rec.entropy_before.mean()),
