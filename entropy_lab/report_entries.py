@@ -173,7 +173,7 @@ register_report_entry(
                 "rmse_calibrated",
                 "sum_measured",
                 "sum_calibrated",
-            ],  # fmt: skip
+            ],
             figures=("measured_vs_predicted", "tightness_over_steps"),
         ),
     )
@@ -232,7 +232,7 @@ register_report_entry(
                 "mean_measured",
                 "sign_agreement",
                 "theory_agreement",
-            ],  # fmt: skip
+            ],
             figures=("quadrants",),
         ),
     )

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 from bad_input_cases import BASE, CLI_CASES, LIBRARY_CASES
-from helpers_train import digit_reward, save_policy
 from typer.testing import CliRunner
 
 from entropy_lab.cli.app import app
@@ -26,7 +25,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, digit_reward, save_policy):
     """(model directory, finished 2-step run on it), trained once for the module; copied per case."""
     from entropy_lab.tasks.arithmetic import ArithmeticTask
 
