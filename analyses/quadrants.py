@@ -15,6 +15,16 @@ Deliberate simplifications:
 - ``sign_agreement`` and ``theory_agreement`` count tokens with |dH| above the noise
   floor of ``tightness`` (1e-3 times the run's max |dH| by default).
 - Runs (``method``/``run`` columns) are tabled separately.
+
+Where the quadrant rule and the exact tabular first order disagree. The rule's sign is
+-sign(A l_a); the ``softmax`` estimator's is that of -eta w (pi_a l_a - C), and sign(w) =
+sign(A) on unclipped tokens (I_clip, r, lambda, N > 0). So they disagree exactly where
+pi_a l_a - C and l_a have opposite signs. C = sum_k pi_k^2 l_k is the covariance under pi of
+pi_k and l_k (sum_k pi_k l_k = 0) and l_k = log pi_k + H rises with pi_k, so C >= 0: a token
+with l_a < 0 always agrees, and one with l_a > 0 disagrees when pi_a l_a < C, i.e. a likely
+token (pi_a > exp(-H)) that still carries less than its collision share, next to a more
+likely one. ``softmax_disagreement`` is the share of such tokens per quadrant, counted over
+tokens whose ``omega_softmax`` is finite and nonzero (a clipped token has no sign).
 """
 
 from __future__ import annotations
@@ -56,11 +66,21 @@ QUADRANT_COLUMNS = [
     "theory_agreement",
     "n_above_floor",
     "noise_floor",
+    "softmax_disagreement",
 ]
+SOFTMAX = estimator_column("softmax")
 
 
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
+
+
+def _disagreement(rule_sign: float, softmax: np.ndarray) -> float:
+    """Share of tokens with a finite, nonzero softmax prediction whose sign is not ``rule_sign``."""
+    signed = softmax[np.isfinite(softmax) & (softmax != 0)]
+    if rule_sign == 0 or not len(signed):
+        return float("nan")
+    return float(np.mean(np.sign(signed) != rule_sign))
 
 
 def _quadrant_row(label, sign_a, sign_l, theory, measured, predicted, floor, total) -> dict:
@@ -108,7 +128,9 @@ def quadrants(
         ``count``, ``share`` (of the run's tokens), ``mean_predicted``, ``mean_measured``
         (nats, token-level), ``sign_agreement`` (estimator vs measured),
         ``theory_agreement`` (measured sign vs the quadrant's theory), ``n_above_floor``,
-        ``noise_floor``; preceded by ``method``/``run`` when present.
+        ``noise_floor``, ``softmax_disagreement`` (share of the quadrant's tokens where the
+        rule's sign -sign(A l_a) differs from the ``softmax`` estimator's; NaN for A = 0 or
+        without an ``omega_softmax`` column); preceded by ``method``/``run`` when present.
     """
     column = estimator_column(estimator, records)
     require_columns(
@@ -120,8 +142,10 @@ def quadrants(
         advantage = as_float(run["advantage"])
         l_a = as_float(run["logprob"]) + as_float(run["entropy_before"])
         measured, predicted = as_float(run[MEASURED]), as_float(run[column])
+        softmax = as_float(run[SOFTMAX]) if SOFTMAX in run.columns else np.full(len(run), np.nan)
         ok = np.isfinite(advantage) & np.isfinite(l_a) & np.isfinite(measured)
         advantage, l_a, measured, predicted = advantage[ok], l_a[ok], measured[ok], predicted[ok]
+        softmax = softmax[ok]
         if calibrated:
             both = np.isfinite(predicted)
             predicted = predicted * through_origin_gain(measured[both], predicted[both])
@@ -133,5 +157,6 @@ def quadrants(
             row = _quadrant_row(
                 label, qa, ql, theory, measured[inside], predicted[inside], floor, len(measured)
             )
+            row["softmax_disagreement"] = _disagreement(THEORY_SIGN.get(theory, 0.0), softmax[inside])
             rows.append({**run_values, **row})
     return pd.DataFrame(rows, columns=[*ids, *QUADRANT_COLUMNS])

@@ -7,6 +7,7 @@ import typer
 from entropy_lab.cli.compare import compare
 from entropy_lab.cli.figures import figures
 from entropy_lab.cli.methods import methods
+from entropy_lab.cli.study import study_app
 from entropy_lab.cli.trace import trace
 from entropy_lab.cli.train import train
 
@@ -22,6 +23,7 @@ app.command()(methods)
 app.command()(trace)
 app.command()(compare)
 app.command()(figures)
+app.add_typer(study_app, name="study")
 
 
 def main() -> None:

@@ -55,12 +55,20 @@ def print_trace_tables(tables: dict, label: str) -> None:
     print_table(
         tables.get("quadrants"),
         f"{label}: quadrants sign(A) x sign(log pi_a + H)",
-        ["quadrant", "theory", "count", "mean_predicted", "mean_measured", "sign_agreement"],
+        [
+            "quadrant",
+            "theory",
+            "count",
+            "mean_predicted",
+            "mean_measured",
+            "sign_agreement",
+            "softmax_disagreement",
+        ],
     )
     print_table(
         tables.get("decomposition"),
         f"{label}: decomposition of the measured change",
-        ["part", "sum", "sum_abs", "share"],
+        ["part", "split", "sum", "share", "sum_calibrated", "share_calibrated", "gain"],
     )
 
 
@@ -74,6 +82,14 @@ def trace(
         str | None, typer.Option(help="Method for the traced update (default: the run's).")
     ] = None,
     output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    eta_sweep: Annotated[
+        bool,
+        typer.Option(
+            "--eta-sweep",
+            help="Measure the traced tokens' entropy at theta + eta dtheta (eta 1/64 ... 2); per eta each "
+            "estimator's Pearson and gain, the curvature and coupling shares, and linear_regime.png.",
+        ),
+    ] = False,
 ) -> None:
     """Trace one update from a checkpoint and table that update, or analyse a run's existing traces."""
     from entropy_lab.report import report_json, run_report
@@ -82,6 +98,10 @@ def trace(
         raise EntropyLabError(f"--format must be table or json, got {output!r}")
     rd, ckpt_step = locate(run)
     rd.read_config()  # one clear error for a missing or malformed run directory
+    if eta_sweep:
+        from entropy_lab.linear_regime import eta_sweep_command
+
+        return eta_sweep_command(rd, step if step is not None else ckpt_step, output)
     if ckpt_step is not None and step is not None and step != ckpt_step:
         raise EntropyLabError(
             f"--run names checkpoint step {ckpt_step} but --step says {step}; give the step once"

@@ -187,6 +187,22 @@ class TrainConfig:
     """auto, cpu or cuda."""
     dtype: Annotated[str, OneOf("auto", "float32", "bfloat16")] = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), float32 or bfloat16."""
+    trace_jvp: bool = False
+    """Also record the jvp estimators (omega_jvp, omega_jvp_entropy) in traced steps: the logit change
+    J . dtheta the optimizer's actual step predicts, by one forward-mode pass (about 3x a forward)."""
+    controller: str = "none"
+    """Entropy controller consulted before each optimizer step (``entropy_lab.controllers``): none,
+    adaptive-entropy or entropy-target."""
+    entropy_target: Annotated[float, NonNegative] = 0.2
+    """Target token-mean entropy (nats) of the controllers (Skywork-OR1, He et al. 2025: tgt-ent 0.2)."""
+    adaptive_entropy_delta: Annotated[float, NonNegative] = 0.005
+    """adaptive-entropy: step of the entropy-bonus coefficient per update (Skywork-OR1: 0.005)."""
+    entropy_target_kappa: Annotated[float, NonNegative] = 0.1
+    """entropy-target: fraction of the gap to the target closed per update, dH* = kappa (H_target - H)."""
+    entropy_target_scale_min: float = 0.0
+    """entropy-target: smallest scale of either advantage-signed part of the update (0: drop it)."""
+    entropy_target_scale_max: float = 2.0
+    """entropy-target: largest scale of either part (2: at most double it)."""
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -232,6 +248,11 @@ class TrainConfig:
                 self.clip_cov_lb < self.clip_cov_ub,
                 f"clip_cov_lb must be below clip_cov_ub, got {self.clip_cov_lb} and {self.clip_cov_ub}; "
                 "set --set clip_cov_lb=... below clip_cov_ub",
+            ),
+            (
+                self.entropy_target_scale_min <= self.entropy_target_scale_max,
+                f"entropy_target_scale_min ({self.entropy_target_scale_min}) exceeds entropy_target_scale_max "
+                f"({self.entropy_target_scale_max}); raise the max or lower the min",
             ),
             (
                 self.steer_lambda_min <= self.steer_lambda_max,

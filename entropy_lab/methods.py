@@ -23,6 +23,7 @@ from entropy_lab import steer
 from entropy_lab.advantages import ADVANTAGES
 from entropy_lab.aggregation import AGG_MODES
 from entropy_lab.config import TrainConfig
+from entropy_lab.controllers import CONTROLLERS
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import KL_ESTIMATORS, OBJECTIVES
 from entropy_lab.optim import OPTIMIZERS
@@ -148,6 +149,25 @@ for _m in (
         ),
         "Hao et al. 2025, arXiv 2510.10150 (release: github.com/zz-haooo/STEER)",
     ),
+    Method(
+        "adaptive-entropy",
+        "entropy bonus with a coefficient raised/lowered by 0.005 per update when entropy is below/above 0.2",
+        _preset(controller="adaptive-entropy", entropy_target=0.2, adaptive_entropy_delta=0.005),
+        "He et al. 2025 (Skywork-OR1), arXiv 2505.22312",
+    ),
+    Method(
+        "entropy-target",
+        "scales of the A>0 / A<0 update parts chosen by JVP prediction so entropy moves toward 0.2 "
+        "(kappa 0.1, scales in [0, 2])",
+        _preset(
+            controller="entropy-target",
+            entropy_target=0.2,
+            entropy_target_kappa=0.1,
+            entropy_target_scale_min=0.0,
+            entropy_target_scale_max=2.0,
+        ),
+        "entropy-lab (target 0.2 as Skywork-OR1; kappa and bounds chosen here)",
+    ),
 ):
     register_method(_m)
 
@@ -166,6 +186,7 @@ def registered_choices() -> dict[str, list[str]]:
         "steer_map": list(steer.STEER_MAPS),
         "steer_norm": list(steer.STEER_NORMS),
         "steer_estimator": steer.valid_estimators(),
+        "controller": list(CONTROLLERS),
     }
 
 

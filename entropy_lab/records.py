@@ -98,4 +98,12 @@ def load_records(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     raw = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
     df = table.to_pandas()
     validate_records(df, source=str(path))
-    return df, json.loads(raw)
+    try:  # the metadata is data: parsed as JSON, never evaluated
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise ValueError
+    except ValueError:
+        raise EntropyLabError(
+            f"{path} has unreadable entropy_lab metadata (not a JSON object); rewrite the file with save_records"
+        ) from None
+    return df, config

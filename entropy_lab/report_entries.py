@@ -144,8 +144,9 @@ def _decomposition_text(ctx: SectionContext) -> str:
     parts = ctx.tables["decomposition"]["part"]
     base = next((p for p in parts if str(p).startswith("omega_")), "n/a")
     return (
-        f"ΔH = ω (`{base}`) + coupling + curvature per token; omission = ω - ω_paper. "
-        "Share = Σ|part| / Σ|ΔH| (parts of opposite sign cancel, so shares need not add to 1)."
+        f"ΔH = ω (`{base}`) + coupling + [nonlinearity, with an `omega_jvp` column] + curvature per token; "
+        "omission = ω - ω_paper. Share = Σ|part| / Σ|ΔH| (parts of opposite sign cancel, so shares need "
+        "not add to 1); calibrated: each ω scaled by its per-update least-squares gain (median in `gain`)."
     )
 
 
@@ -221,7 +222,9 @@ register_report_entry(
             "Quadrants: sign(A) × sign(l_a)",
             lambda ctx: (
                 "First-order theory: ΔH falls for (A>0, l>0) and (A<0, l<0), rises otherwise. Predicted: "
-                f"`{ctx.estimator}`, raw. Agreement columns count tokens above the noise floor."
+                f"`{ctx.estimator}`, raw. Agreement columns count tokens above the noise floor; "
+                "softmax_disagreement: share of tokens where the rule's sign -sign(A l_a) differs from the "
+                "`softmax` estimator's (l_a > 0 and π_a l_a < C)."
             ),
             columns=[
                 "quadrant",
@@ -232,6 +235,7 @@ register_report_entry(
                 "mean_measured",
                 "sign_agreement",
                 "theory_agreement",
+                "softmax_disagreement",
             ],
             figures=("quadrants",),
         ),
@@ -249,7 +253,7 @@ register_report_entry(
         section=Section(
             "Decomposition",
             _decomposition_text,
-            columns=["part", "n", "sum", "sum_abs", "share"],
+            columns=["part", "split", "n", "sum", "share", "sum_calibrated", "share_calibrated", "gain"],
             figures=("decomposition", "entropy_change_distribution", "steer_weights"),
         ),
     )

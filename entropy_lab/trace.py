@@ -45,8 +45,9 @@ indicator 1, intervention weight 1, normaliser = response tokens in the batch
 
 Modules: ``trace_rows`` (which tokens, which rows), ``trace_hooks`` (the hooks and their
 removal), ``trace_capture`` (the pre-update side), ``trace_forward`` (the tracer's own
-forwards and the post-update pass), ``trace_records`` (the record builder). This module
-ties them into the context manager.
+forwards and the post-update pass), ``trace_records`` (the record builder),
+``trace_distributed`` (DDP / FSDP2: collective-safe forwards, global quantities, ``rank``).
+This module ties them into the context manager.
 
 Simplifications: ``covariance`` takes its batch means over the traced tokens; with
 several optimizer steps inside one context, the records cover their sum (a warning says so).
@@ -54,18 +55,18 @@ several optimizer steps inside one context, the records cover their sum (a warni
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 
 import pandas as pd
 import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.linear_regime import record_eta_sweep
 from entropy_lab.records import save_records
 from entropy_lab.stats import TokenStats
 from entropy_lab.trace_capture import PreUpdateCapture
+from entropy_lab.trace_distributed import DistInfo, detect, global_records
 from entropy_lab.trace_forward import (
     OwnForward,
     accepts_logits_to_keep,
@@ -74,6 +75,7 @@ from entropy_lab.trace_forward import (
     post_update_pass,
 )
 from entropy_lab.trace_hooks import StepHooks
+from entropy_lab.trace_jvp import record_jvp
 from entropy_lab.trace_records import build_records
 from entropy_lab.trace_rows import Annotations, TracedTokens, take_rows
 
@@ -93,6 +95,12 @@ class EntropyTracer:
         chunk_bytes: bound on one fp32 (chunk, V) temporary in the statistics (None: the device's
             default, see ``entropy_lab.stats.resolve_chunk_bytes``).
         config: stored in the metadata of saved trace files.
+        distributed: trace under torch.distributed data parallelism (``entropy_lab.trace_distributed``):
+            None detects it (an initialised process group of more than one rank), True requires it.
+        jvp: also record the ``jvp`` and ``jvp-entropy`` estimators (``entropy_lab.trace_jvp``): one
+            forward-mode pass over the traced rows at the optimizer pre-step hook.
+        eta_grid: multiples eta of the step at which to also measure the traced tokens' entropy,
+            theta + eta dtheta (``entropy_lab.linear_regime``); the records gain ``regime@`` columns.
     """
 
     def __init__(
@@ -104,6 +112,9 @@ class EntropyTracer:
         chunk_bytes: int | None = None,
         seed: int = 0,
         config: dict | None = None,
+        distributed: bool | None = None,
+        jvp: bool = False,
+        eta_grid: tuple[float, ...] | None = None,
     ):
         get_emb = getattr(model, "get_output_embeddings", None)
         if get_emb is None or get_emb() is None:
@@ -113,14 +124,21 @@ class EntropyTracer:
             )
         if isinstance(max_positions, float) and not 0 < max_positions <= 1:
             raise EntropyLabError(f"max_positions as a fraction must be in (0, 1], got {max_positions}")
+        if isinstance(max_positions, int) and (isinstance(max_positions, bool) or max_positions < 1):
+            raise EntropyLabError(
+                f"max_positions must be a count >= 1, a fraction in (0, 1] or None (all tokens), got {max_positions!r}"
+            )
         self.model = model
         self.max_positions = max_positions
         self.forward_batch_size = forward_batch_size
         self.chunk_bytes = chunk_bytes
         self.seed = seed
         self.config = dict(config or {})
+        self.distributed = distributed
+        self._open: TraceStep | None = None  # the step whose block is running, if any
+        self.jvp = jvp
+        self.eta_grid = eta_grid
 
-    @contextlib.contextmanager
     def step(
         self,
         input_ids: torch.Tensor,
@@ -134,11 +152,13 @@ class EntropyTracer:
         update: int = 0,
         forward_kwargs: dict | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-    ) -> Iterator[TraceStep]:
-        """Trace the optimizer step taken inside the ``with`` block; yields a ``TraceStep``.
+    ) -> StepContext:
+        """Trace the optimizer step taken inside the ``with`` block; the block gets a ``TraceStep``.
 
         ``optimizer``: the optimizer whose step is traced. Given, its own pre-step hook is used;
         None falls back to the process-global pre-step hook (any optimizer's step counts).
+        The context is entered once; one tracer traces one block at a time (nesting two
+        tracers' steps is fine).
         """
         traced = TraceStep(
             self,
@@ -152,12 +172,37 @@ class EntropyTracer:
             update=update,
             forward_kwargs=forward_kwargs or {},
         )
-        traced._attach(optimizer)
-        try:
-            yield traced
-        finally:
-            traced._detach()
-        traced._finish()
+        return StepContext(self, traced, optimizer)
+
+
+class StepContext:
+    """The ``with`` block of one traced step: hooks on entry, removed on any exit, records after."""
+
+    def __init__(self, tracer: EntropyTracer, traced: TraceStep, optimizer: torch.optim.Optimizer | None):
+        self.tracer, self.traced, self.optimizer = tracer, traced, optimizer
+        self.used = False
+
+    def __enter__(self) -> TraceStep:
+        if self.used:
+            raise EntropyLabError(
+                "this tracer.step(...) context was already used; call tracer.step(...) again for each update"
+            )
+        if self.tracer._open is not None:
+            raise EntropyLabError(
+                "this tracer is already tracing a step; finish that with-block first "
+                "(nested steps need a second EntropyTracer)"
+            )
+        self.used = True
+        self.traced._attach(self.optimizer)
+        self.tracer._open = self.traced
+        return self.traced
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer._open = None
+        self.traced._detach()
+        if exc_type is None:
+            self.traced._finish()
+        return False
 
 
 class TraceStep:
@@ -189,6 +234,10 @@ class TraceStep:
             seed=tracer.seed * 1_000_003 + self.step_index * 1009 + self.update_index,
         )
         self.n = self.tokens.n
+        self.dist: DistInfo | None = detect(tracer.distributed)
+        self.n_response_tokens = float(self.tokens.n_response_tokens)
+        if self.dist is not None:  # token-mean over the global batch
+            (self.n_response_tokens,) = self.dist.sum([self.n_response_tokens], self.tokens.device)
         self.annotations = Annotations(self.tokens)
         self.capture = PreUpdateCapture(self.tokens, tracer.chunk_bytes)
         self.forward = OwnForward(
@@ -197,6 +246,7 @@ class TraceStep:
             forward_kwargs,
             deterministic=not has_active_dropout(self.model),
             batch_size=tracer.forward_batch_size,
+            dist=self.dist,
         )
         self.hooks = StepHooks()
         self.lr = lr
@@ -204,6 +254,7 @@ class TraceStep:
         self.n_optimizer_steps = 0
         self.token_inputs: dict[str, torch.Tensor] = {}
         self._pre_stats: TokenStats | None = None
+        self.extra_columns: dict[str, torch.Tensor] = {}  # (n,) each, appended to the records as they are
 
     def annotate(self, rows: torch.Tensor | list[int] | None = None, **values: torch.Tensor) -> None:
         """Record objective terms for rows of the batch.
@@ -266,9 +317,13 @@ class TraceStep:
         if self.lr is None:
             self.lr = float(optimizer.param_groups[0]["lr"])
         missing = ~self.capture.have_before
-        if bool(missing.any()):
+        if bool(missing.any()) or self.dist is not None:  # distributed: every rank joins the forwards
             self._fill_before(missing)
         self._pre_stats = self.capture.stats()  # checks the logits before the parameters move
+        if self.tracer.jvp:
+            record_jvp(self, optimizer)
+        if self.tracer.eta_grid:
+            self.extra_columns.update(record_eta_sweep(self, optimizer, self.tracer.eta_grid))
 
     def _fill_before(self, token_mask: torch.Tensor) -> None:
         for idx, z in self.forward.traced_logits(token_mask):
@@ -277,14 +332,22 @@ class TraceStep:
     # --- results -----------------------------------------------------------------------
     def _finish(self) -> None:
         if self.n_optimizer_steps == 0:
-            warnings.warn("no optimizer step ran inside the traced block: deltas are zero", stacklevel=4)
-            if not bool(self.capture.have_before.all()):
+            warnings.warn("no optimizer step ran inside the traced block: deltas are zero", stacklevel=3)
+            if not bool(self.capture.have_before.all()) or self.dist is not None:
                 self._fill_before(~self.capture.have_before)
         elif self.n_optimizer_steps > 1:
             warnings.warn(
                 f"{self.n_optimizer_steps} optimizer steps ran inside one traced block; "
                 "the records cover their sum",
-                stacklevel=4,
+                stacklevel=3,
+            )
+        reached = int(self.capture.have_grad.sum())
+        if self.n_optimizer_steps > 0 and reached < self.n:
+            warnings.warn(
+                f"no gradient reached {self.n - reached} of {self.n} traced tokens: the forward inside the "
+                "block did not use the input_ids given to step() (rows must match by content and length), "
+                "so omega_logit_grad is NaN for them; forward the traced batch itself",
+                stacklevel=3,
             )
         pre = self._pre_stats or self.capture.stats()
         z_before = self.capture.z_before
@@ -296,20 +359,28 @@ class TraceStep:
             warnings.warn(
                 "the optimizer step left every traced logit unchanged (all advantages zero?): "
                 "records hold zero deltas",
-                stacklevel=4,
+                stacklevel=3,
             )
+        grad_dot = self.capture.logit_grad_dot()
+        if self.dist is not None:  # the update follows the ranks' mean loss (DDP and FSDP average gradients)
+            grad_dot = grad_dot / self.dist.world_size
         self.records = build_records(
             self.tokens,
             self.annotations,
             pre,
-            self.capture.logit_grad_dot(),
+            grad_dot,
             entropy_after,
             linear,
             lr=self.lr,
             step=self.step_index,
             update=self.update_index,
             inputs=self.token_inputs,
+            default_normalizer=self.n_response_tokens,
         )
+        if self.extra_columns:
+            self.records = self.records.assign(**{k: v.cpu().numpy() for k, v in self.extra_columns.items()})
+        if self.dist is not None:
+            self.records = global_records(self.records, self.dist, self.tokens.device)
 
     def save(self, path) -> None:
         """Write ``records`` to Parquet with the tracer's config in the metadata."""

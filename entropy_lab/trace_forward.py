@@ -16,8 +16,21 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from entropy_lab.errors import EntropyLabError
 from entropy_lab.stats import TokenStats, entropy_change_stats
+from entropy_lab.trace_distributed import DistInfo
 from entropy_lab.trace_rows import TracedTokens, take_rows
+
+
+def require_logits(output) -> torch.Tensor:
+    """``logits_of(output)``, or one error naming what the model returned instead."""
+    logits = logits_of(output)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise EntropyLabError(
+            f"the model's forward returned {type(output).__name__} without a (B, T, V) .logits tensor; "
+            "EntropyTracer needs a causal LM whose output has .logits (or is the logits tensor)"
+        )
+    return logits
 
 
 def logits_of(output) -> torch.Tensor | None:
@@ -79,12 +92,14 @@ class OwnForward:
         *,
         deterministic: bool,
         batch_size: int | None,
+        dist: DistInfo | None = None,
     ):
         self.model = model
         self.tokens = tokens
         self.forward_kwargs = forward_kwargs
         self.deterministic = deterministic
         self.batch_size = batch_size
+        self.dist = dist  # distributed: every rank runs the same number of forwards
         self.keeps_logits = accepts_logits_to_keep(model)
         self.largest_micro = 0  # largest micro-batch the training loop forwarded
         self.autocast: tuple[bool, torch.dtype | None] = (False, None)
@@ -96,7 +111,9 @@ class OwnForward:
         tok = self.tokens
         input_ids = tok.input_ids
         rows = tok.b_idx[token_mask].unique()
-        bs = self.batch_size or self.largest_micro or len(rows)
+        bs = max(1, self.batch_size or self.largest_micro or len(rows))
+        n_chunks = -(-len(rows) // bs)
+        n_dummy = 0 if self.dist is None else self.dist.max(n_chunks, input_ids.device) - n_chunks
         was_training = self.model.training
         self.running = True
         enabled, dtype = self.autocast
@@ -124,8 +141,7 @@ class OwnForward:
                     kw["logits_to_keep"] = keep
                 ctx = torch.autocast(dev_type, dtype=dtype) if enabled else contextlib.nullcontext()
                 with ctx:
-                    logits = logits_of(self.model(input_ids=input_ids[chunk], **kw))  # (r, T or K, V)
-                assert logits is not None, "the model's output holds logits"
+                    logits = require_logits(self.model(input_ids=input_ids[chunk], **kw))  # (r, T or K, V)
                 # One gather for the whole forward: (k,) token indices and their (k, V) logits.
                 parts = [tok.tokens_of_row[b] for b in chunk.tolist()]
                 local = torch.cat([torch.full_like(p, i) for i, p in enumerate(parts)])
@@ -133,9 +149,23 @@ class OwnForward:
                 keep_tok = token_mask[idx]
                 idx, local = idx[keep_tok], local[keep_tok]
                 yield idx, logits[local, column[tok.t_idx[idx] - 1]]
+            for _ in range(n_dummy):  # FSDP all-gathers in every forward: match the other ranks' count
+                self._dummy_forward()
         finally:
             self.running = False
             self.model.train(was_training)
+
+    def _dummy_forward(self) -> None:
+        """A forward over row 0 whose output is dropped (only its collectives matter)."""
+        kw = {
+            k: v[:1] if isinstance(v, torch.Tensor) and v.shape[:1] == self.tokens.input_ids.shape[:1] else v
+            for k, v in self.forward_kwargs.items()
+        }
+        if self.tokens.attention_mask is not None:
+            kw["attention_mask"] = self.tokens.attention_mask[:1]
+        if self.keeps_logits:
+            kw["logits_to_keep"] = 1
+        self.model(input_ids=self.tokens.input_ids[:1], **kw)
 
 
 def post_update_pass(

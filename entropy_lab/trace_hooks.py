@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from entropy_lab.trace_forward import logits_of
+from entropy_lab.trace_forward import require_logits
 
 ForwardCallback = Callable[[torch.Tensor, torch.Tensor], None]
 """(input_ids (b, T), logits (b, T, V)) of one forward of the model."""
@@ -42,8 +42,8 @@ class StepHooks:
 
         def forward_hook(module, args, kwargs, output):
             ids = kwargs.get("input_ids", args[0] if args else None)
-            logits = logits_of(output)
-            if isinstance(ids, torch.Tensor) and logits is not None and logits.dim() == 3:
+            logits = require_logits(output)  # a model without .logits cannot be traced: say so now
+            if isinstance(ids, torch.Tensor):
                 on_forward(ids, logits)
             return None
 

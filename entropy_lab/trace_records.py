@@ -34,6 +34,7 @@ def build_records(
     step: int,
     update: int,
     inputs: dict[str, torch.Tensor] | None = None,
+    default_normalizer: float | None = None,
 ) -> pd.DataFrame:
     """One row per traced token.
 
@@ -45,6 +46,7 @@ def build_records(
         lr: the step's learning rate (NaN in the records when unknown).
         step, update: the record's ``step`` and ``update``.
         inputs: further per-token inputs (n,) for estimators that require them.
+        default_normalizer: N where the loop annotated none (default: the batch's response tokens).
     """
     n = tokens.n
     assert pre.logprob is not None, "pre-update statistics are computed with the traced targets"
@@ -60,7 +62,9 @@ def build_records(
         old_logprob=tokens.old_logprob if tokens.old_logprob is not None else logprob,
         clip_indicator=annotations.get("clip_indicator", 1.0),
         intervention_weight=annotations.get("intervention_weight", 1.0),
-        normalizer=annotations.get("normalizer", tokens.n_response_tokens),
+        normalizer=annotations.get(
+            "normalizer", tokens.n_response_tokens if default_normalizer is None else default_normalizer
+        ),
         lr=lr_value,
         logit_grad_dot=logit_grad_dot,
         inputs=dict(inputs or {}),

@@ -102,6 +102,14 @@ class TracedTokens:
         self.advantage = None if adv is None else adv[b_idx, t_idx].double()  # (n,) or None
         old = per_token("old_logprobs", old_logprobs)
         self.old_logprob = None if old is None else old[b_idx, t_idx].double()  # (n,) or None
+        for name, x in (("advantages", self.advantage), ("old_logprobs", self.old_logprob)):
+            # one NaN here would make a batch statistic (omega_covariance) NaN for every row
+            if x is not None and not bool(torch.isfinite(x).all()):
+                i = int((~torch.isfinite(x)).nonzero()[0])
+                raise EntropyLabError(
+                    f"{name} is NaN or infinite at response token (sample {int(b_idx[i])}, position "
+                    f"{int(t_idx[i])}); give finite values at every response token (padding may be anything)"
+                )
         # Row -> traced-token indices, for matching micro-batches and filling annotations.
         self.tokens_of_row: dict[int, torch.Tensor] = {}
         for b in b_idx.unique().tolist():

@@ -34,10 +34,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entropy_lab import checkpoints
+from entropy_lab import checkpoints, learnability
 from entropy_lab.advantages import advantages_for_config, mean_token_logprob
 from entropy_lab.batch import RolloutBatch
 from entropy_lab.config import TrainConfig
+from entropy_lab.controllers import build_controller, control_context
 from entropy_lab.errors import EntropyLabError, EntropyLabWarning, os_error_message
 from entropy_lab.models import load_policy, warm_start
 from entropy_lab.objectives import compute_loss, prepare_context, required_inputs
@@ -152,8 +153,13 @@ class Trainer:
             self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm else 1.0
         )
         self.tracer = EntropyTracer(
-            self.model, max_positions=cfg.trace_max_positions or None, seed=cfg.seed, config=cfg.to_dict()
+            self.model,
+            max_positions=cfg.trace_max_positions or None,
+            seed=cfg.seed,
+            config=cfg.to_dict(),
+            jvp=cfg.trace_jvp,
         )
+        self.controller = build_controller(cfg)
         self.eval_set = self.task.eval_problems(cfg.eval_prompts)
         if not create_run:
             return
@@ -167,28 +173,15 @@ class Trainer:
         self.callback("warning", {"message": message})
 
     def warn_if_cannot_learn(self) -> None:
-        """Settings under which every advantage is 0 by construction."""
-        cfg = self.cfg
-        if cfg.samples_per_prompt == 1 and cfg.advantage in ("grpo", "grpo-no-std", "rloo"):
-            self._warn(
-                f"samples_per_prompt=1: the {cfg.advantage} advantage compares samples within a group, so "
-                "every advantage is 0 and the policy gradient is 0; use --set samples_per_prompt=2 or more"
-            )
+        """A setting under which every advantage is 0 by construction (``entropy_lab.learnability``)."""
+        message = learnability.setting_warning(self.cfg)
+        if message:
+            self._warn(message)
 
     def _warn_if_nothing_learned(self) -> None:
-        """After the run: every advantage of every step was 0 (one reward value per group, always)."""
-        rows = self.metrics_rows
-        if rows and all(r.get("advantage/zero_frac", 0.0) == 1.0 for r in rows):
-            rewards = sorted({round(float(r["reward/mean"]), 6) for r in rows if r.get("reward/std", 1) == 0})
-            what = (
-                f"every reward was {rewards[0]:g}"
-                if len(rewards) == 1
-                else "every group's rewards were equal"
-            )
-            self._warn(
-                f"in all {len(rows)} steps {what}: every advantage was 0, so the policy gradient never "
-                "moved the policy; use an easier task, more samples_per_prompt or another reward"
-            )
+        message = learnability.outcome_warning(self.metrics_rows)
+        if message:
+            self._warn(message)
 
     def _copy_policy(self):
         import copy
@@ -204,6 +197,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpoints.rng_state(self.np_rng, self.shuffle_gen, self.loss_gen),
             "config": self.cfg.to_dict(),
+            "controller": self.controller.state_dict(),
         }
 
     def save_checkpoint(self, step: int) -> Path:
@@ -218,6 +212,7 @@ class Trainer:
     def _apply_state(self, state: dict) -> int:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.controller.load_state_dict(state.get("controller", {}))
         checkpoints.set_rng_state(state["rng"], self.np_rng, self.shuffle_gen, self.loss_gen)
         return int(state["step"])
 
@@ -349,6 +344,8 @@ class Trainer:
                 with ctx as trace:
                     self.optimizer.zero_grad(set_to_none=True)
                     self._accumulate(step, batch, mb, trace, sums)
+                    for k, v in self.controller.before_step(control_context(self, batch, mb)).items():
+                        sums[k].append(v)
                     self._optimizer_step(step, sums)
                 if trace is not None:
                     records.append(trace.records)
@@ -378,6 +375,8 @@ class Trainer:
             metrics = self._batch_metrics(step, batch)
             n_tok, n_seq = float(batch.mask.sum()), float(len(rows))
             self._loss_backward(step, batch, rows, 0, logprob, entropy, collision, n_tok, n_seq, trace, sums)
+            for k, v in self.controller.before_step(control_context(self, batch, rows)).items():
+                sums[k].append(v)
             self._optimizer_step(step, sums)
         metrics.update(self._update_metrics(step, sums, [] if trace is None else [trace.records]))
         return metrics

@@ -4,14 +4,15 @@ Figures are built on an Agg canvas without pyplot (``figures.style``), so import
 package neither switches the user's backend nor changes global rcParams. Every axis
 label states its unit and whether it is token-level, batch-level or problem-level.
 
-- ``theory``: measured vs predicted, residual bins, quadrants, decomposition, tightness per step.
+- ``theory``: measured vs predicted, residual bins, quadrants, tightness per step.
+- ``decomposition``: the calibrated decomposition and the coupling study.
 - ``training``: training curves, entropy-change spread, pass@k, intervention weights.
 - ``save``: ``save_figure`` writes PNG and PDF.
 """
 
+from .decomposition import coupling_study_figure, decomposition_bar
 from .save import save_figure
 from .theory import (
-    decomposition_bar,
     measured_vs_predicted,
     quadrant_heatmap,
     residuals_by_factor_panels,
@@ -25,6 +26,7 @@ from .training import (
 )
 
 __all__ = [
+    "coupling_study_figure",
     "decomposition_bar",
     "entropy_change_distribution",
     "measured_vs_predicted",

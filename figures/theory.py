@@ -1,4 +1,4 @@
-"""Figures of theory vs measurement: scatter densities, residual bins, quadrants, decomposition.
+"""Figures of theory vs measurement: scatter densities, residual bins, quadrants, tightness per step.
 
 Inputs are trace records or the tables of ``entropy_lab.analyses``; outputs are
 matplotlib Figures (see ``figures.style``). Every function draws a "no data" panel
@@ -10,8 +10,7 @@ Deliberate simplifications:
   filter the records to compare runs. Hexbin colour is the log token count, without a
   colour bar to keep panels compact.
 - ``tightness_over_steps`` averages the rows of several updates within a step.
-- ``decomposition_bar`` re-pools any per-step summary into one bar per part and run,
-  using the additive ``sum`` and ``sum_abs`` columns.
+- The decomposition's figures live in ``figures.decomposition``.
 """
 
 from __future__ import annotations
@@ -63,13 +62,6 @@ FACTOR_LABELS = {
 }
 PREDICTED_LABEL = axis_label("predicted ω", "nats", TOKEN)
 RESIDUAL_LABEL = axis_label("residual ΔH − pred.", "nats", TOKEN)
-PART_LABEL = axis_label("part of ΔH", "identity term", TOKEN)
-PART_NAMES = {
-    MEASURED: "measured ΔH",
-    "coupling": "coupling",
-    "curvature": "curvature",
-    "omission": "omission",
-}
 # (axis label, panel title): short labels, the definition goes in the title.
 TIGHTNESS_LABELS = {
     "pearson": (axis_label("Pearson r", "unitless", TOKEN), "correlation of ω with ΔH"),
@@ -237,59 +229,6 @@ def _cell_text(row: pd.Series, theory: str) -> str:
         f"sign agree {row['sign_agreement']:.2f}\n"
         f"theory: {theory}"
     )
-
-
-def decomposition_bar(summary: pd.DataFrame) -> Figure:
-    """Share of Σ|ΔH| carried by each part (left) and each part's signed sum (right).
-
-    Args:
-        summary: output of ``decomposition_summary`` (per step or pooled; re-pooled here),
-            one bar colour per run.
-
-    Returns:
-        A Figure with two axes.
-    """
-    with styled():
-        fig, (share_ax, sum_ax) = new_figure(2, panel_size=(4.2, 3.0))
-        _label(share_ax, PART_LABEL, axis_label("Σ|part| / Σ|ΔH|", "ratio", TOKEN))
-        _label(sum_ax, PART_LABEL, axis_label("Σ part over tokens", "nats", TOKEN))
-        share_ax.set_title("share of the measured change")
-        sum_ax.set_title("signed sums")
-        if not len(summary) or not np.isfinite(pd.to_numeric(summary["sum_abs"], errors="coerce")).any():
-            no_data(share_ax)
-            no_data(sum_ax)
-            return fig
-        labels = series_labels(summary)
-        pooled = (
-            summary.assign(series=labels).groupby(["series", "part"], sort=False)[["sum", "sum_abs"]].sum()
-        )
-        order = _part_order(summary["part"])
-        runs = sorted(set(labels))
-        palette = colors(runs)
-        width = 0.8 / len(runs)
-        x = np.arange(len(order))
-        for k, run in enumerate(runs):
-            block = pooled.loc[run].reindex(order)
-            total = pooled.loc[(run, MEASURED), "sum_abs"] if (run, MEASURED) in pooled.index else np.nan
-            share = block["sum_abs"] / total if total else block["sum_abs"] * np.nan
-            offset = x - 0.4 + width * (k + 0.5)
-            share_ax.bar(offset, share.to_numpy(dtype=float), width, color=palette[run], label=run)
-            sum_ax.bar(offset, block["sum"].to_numpy(dtype=float), width, color=palette[run], label=run)
-        for ax in (share_ax, sum_ax):
-            names = [PART_NAMES.get(p, p.replace("omega_", "ω ").replace("_", "-")) for p in order]
-            ax.set_xticks(x, names, rotation=30, ha="right")
-            ax.axhline(0, color="0.6", lw=0.6)
-        compact_ticks(sum_ax, "y")
-        if len(runs) > 1:
-            share_ax.legend(frameon=False, fontsize="small")
-    return fig
-
-
-def _part_order(names: pd.Series) -> list[str]:
-    """Measured change first, then the first-order base, then the identity's other parts."""
-    present = list(dict.fromkeys(names))
-    rank = {MEASURED: 0, "coupling": 2, "curvature": 3, "omission": 4}
-    return sorted(present, key=lambda p: rank.get(p, 1 if p.startswith("omega_") else 5))
 
 
 def tightness_over_steps(

@@ -7,12 +7,14 @@ import json
 import os
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from bad_input_cases import BASE, CLI_CASES, LIBRARY_CASES
+from conftest import digit_reward, save_policy  # the case functions run by name, without fixtures
 from typer.testing import CliRunner
 
 from entropy_lab.cli.app import app
@@ -25,7 +27,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, digit_reward, save_policy):
+def trained(tmp_path_factory):
     """(model directory, finished 2-step run on it), trained once for the module; copied per case."""
     from entropy_lab.tasks.arithmetic import ArithmeticTask
 
@@ -173,6 +175,18 @@ def load_records_of_a_text_file(paths):
     load_records(paths["junk"])
 
 
+def load_records_with_bad_metadata(paths):
+    import pyarrow.parquet as pq
+
+    from entropy_lab.records import METADATA_KEY, load_records
+
+    path = Path(paths["run"]) / "traces" / "step_000001.parquet"
+    table = pq.read_table(path)
+    meta = {**(table.schema.metadata or {}), METADATA_KEY: b"__import__('os').system('true')"}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    load_records(path)
+
+
 def load_malicious_trainer_state(paths):
     from entropy_lab.checkpoints import load_trainer_state
 
@@ -191,6 +205,166 @@ def create_run_on_a_model(paths):
     from entropy_lab.runs import RunDir
 
     RunDir(paths["model"]).create(TrainConfig(), overwrite=True)
+
+
+# --- the tracer ---------------------------------------------------------------------------------
+
+
+def tracer_batch(seed: int = 0):
+    """(model, input_ids (2, 6), response mask (2, 6), advantages (2,)) of a tiny causal LM."""
+    from conftest import make_tiny_lm
+
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 64, (2, 6))
+    resp = torch.zeros(2, 6)
+    resp[:, 3:] = 1
+    return make_tiny_lm(seed=seed), ids, resp, torch.tensor([1.0, -1.0])
+
+
+def traced_update(tracer, model, ids, resp, adv, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with tracer.step(ids, None, resp, advantages=adv, optimizer=opt, **kw) as step:
+        logits = model(input_ids=ids).logits  # (B, T, V)
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+        (-(lp * resp[:, 1:] * adv[:, None]).sum()).backward()
+        opt.step()
+    return step
+
+
+def tracer_with_nan_advantage(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, _ = tracer_batch()
+    adv = torch.tensor([[0.0] * 6, [0.0, 0.0, 0.0, float("nan"), 0.0, 0.0]])  # (B, T)
+    traced_update(EntropyTracer(model), model, ids, resp, adv)
+
+
+def tracer_with_inf_old_logprob(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, adv = tracer_batch()
+    old = torch.zeros(2, 6)
+    old[0, 4] = float("-inf")
+    traced_update(EntropyTracer(model), model, ids, resp, adv, old_logprobs=old)
+
+
+class HiddenStatesOnly(torch.nn.Module):
+    """A causal LM wrapper whose forward returns a dict without logits."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def forward(self, input_ids, **kw):
+        return {"hidden_states": self.lm.model(input_ids=input_ids).last_hidden_state}
+
+
+def tracer_on_a_model_without_logits(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    lm, ids, resp, adv = tracer_batch()
+    model = HiddenStatesOnly(lm)
+    with EntropyTracer(model).step(ids, None, resp, advantages=adv):
+        model(input_ids=ids)
+
+
+def tracer_step_context_reused(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, adv = tracer_batch()
+    tracer = EntropyTracer(model)
+    ctx = tracer.step(ids, None, resp, advantages=adv)
+    with ctx:
+        model(input_ids=ids)
+    with ctx:
+        pass
+
+
+def tracer_step_nested_on_one_tracer(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, adv = tracer_batch()
+    tracer = EntropyTracer(model)
+    with tracer.step(ids, None, resp, advantages=adv):
+        with tracer.step(ids, None, resp, advantages=adv):
+            pass
+
+
+def tracer_with_zero_max_positions(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    EntropyTracer(tracer_batch()[0], max_positions=0)
+
+
+def tracer_with_negative_max_positions(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    EntropyTracer(tracer_batch()[0], max_positions=-3)
+
+
+def tracer_with_advantages_of_wrong_shape(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, _ = tracer_batch()
+    traced_update(EntropyTracer(model), model, ids, resp, torch.ones(3))
+
+
+def tracer_with_response_mask_of_wrong_shape(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, adv = tracer_batch()
+    traced_update(EntropyTracer(model), model, ids, resp[:, :-1], adv)
+
+
+def tracer_with_all_zero_response_mask(paths):
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, adv = tracer_batch()
+    traced_update(EntropyTracer(model), model, ids, torch.zeros_like(resp), adv)
+
+
+def test_hooks_are_gone_after_every_refused_tracer_call():
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, adv = tracer_batch()
+    base = len(model._forward_hooks), len(_global_optimizer_pre_hooks)
+    for fn in (tracer_step_context_reused, tracer_step_nested_on_one_tracer):
+        with pytest.raises(EntropyLabError):
+            fn({})
+    lm = HiddenStatesOnly(model)
+    with pytest.raises(EntropyLabError):
+        with EntropyTracer(lm).step(ids, None, resp, advantages=adv):
+            lm(input_ids=ids)
+    assert (len(model._forward_hooks), len(_global_optimizer_pre_hooks)) == base
+    assert len(lm._forward_hooks) == 0
+    tracer = EntropyTracer(model)  # a tracer that refused a nested step still traces the next one
+    with pytest.raises(EntropyLabError):
+        with tracer.step(ids, None, resp, advantages=adv):
+            with tracer.step(ids, None, resp, advantages=adv):
+                pass
+    assert len(traced_update(tracer, model, ids, resp, adv).records) == int(resp.sum())
+
+
+def test_a_forward_on_another_batch_warns_that_logit_grad_is_missing():
+    from entropy_lab.trace import EntropyTracer
+
+    model, ids, resp, adv = tracer_batch()
+    other = (ids + 1) % 64  # not the batch given to step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="no gradient reached 6 of 6 traced tokens"):
+        with EntropyTracer(model).step(ids, None, resp, advantages=adv, optimizer=opt) as step:
+            model(input_ids=other).logits.sum().backward()
+            opt.step()
+    assert step.records["omega_logit_grad"].isna().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the matching forward raises no such warning
+        good = traced_update(EntropyTracer(model), model, ids, resp, adv)
+    assert good.records["omega_logit_grad"].notna().all()
 
 
 @pytest.mark.parametrize("case", LIBRARY_CASES, ids=[c[0] for c in LIBRARY_CASES])

@@ -260,3 +260,19 @@ def test_resume_with_more_steps_records_the_new_budget(trained_run, tmp_path, de
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["config"]["steps"] == 3
     assert pd.read_parquet(run / "metrics.parquet")["step"].tolist() == [1, 2, 3]
+
+
+def test_learnability_warnings_name_the_cause():
+    from entropy_lab.config import TrainConfig
+    from entropy_lab.learnability import outcome_warning, setting_warning
+
+    assert setting_warning(TrainConfig(samples_per_prompt=2)) is None
+    assert "samples_per_prompt=1" in setting_warning(TrainConfig(samples_per_prompt=1))
+    flat = [{"advantage/zero_frac": 1.0, "reward/mean": 0.0, "reward/std": 0.0}] * 3
+    assert "in all 3 steps every reward was 0" in outcome_warning(flat)
+    mixed = [{"advantage/zero_frac": 1.0, "reward/mean": 0.5, "reward/std": 0.5}] * 2  # equal within groups
+    assert "every group's rewards were equal" in outcome_warning(mixed)
+    assert (
+        outcome_warning([*flat, {"advantage/zero_frac": 0.5, "reward/mean": 0.5, "reward/std": 0.5}]) is None
+    )
+    assert outcome_warning([]) is None

@@ -27,6 +27,8 @@ NAMES = [
     "entropy-adv",
     "unlikeliness",
     "steer",
+    "adaptive-entropy",
+    "entropy-target",
 ]
 
 

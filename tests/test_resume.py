@@ -142,8 +142,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_policy_dir, 
     m_ref, _ = load_policy(reference.checkpoint_path(6) / "model")
     for name, value in m_ref.state_dict().items():
         assert torch.equal(m_killed.state_dict()[name], value), name
-    s_killed = torch.load(killed.checkpoint_path(6) / "trainer_state.pt", weights_only=False)
-    s_ref = torch.load(reference.checkpoint_path(6) / "trainer_state.pt", weights_only=False)
+    s_killed = torch.load(killed.checkpoint_path(6) / "trainer_state.pt", weights_only=True)
+    s_ref = torch.load(reference.checkpoint_path(6) / "trainer_state.pt", weights_only=True)
     for group_k, group_r in zip(
         s_killed["optimizer"]["state"].values(), s_ref["optimizer"]["state"].values(), strict=True
     ):
@@ -347,24 +347,8 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_policy_dir, iso
 # --- unsafe and damaged checkpoints --------------------------------------------------------------
 
 
-class Payload:
-    """Unpickling this runs ``exec`` (what a crafted trainer_state.pt in a shared run would do)."""
-
-    def __init__(self, sentinel: Path):
-        self.sentinel = sentinel
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.sentinel)!r}, 'w').write('pwned')",))
-
-
-def plant_payload(ckpt: Path, sentinel: Path) -> None:
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    state["rng"]["python"] = Payload(sentinel)
-    torch.save(state, ckpt / "trainer_state.pt")
-    (ckpt / "checkpoint.json").unlink()  # an attacker controls the manifest too
-
-
 def test_a_malicious_checkpoint_runs_nothing(tmp_path, tiny_policy_dir, isolated_cache, small_config):
+    from test_bad_inputs import plant_payload  # a pickled exec() call where RNG state belongs
     from typer.testing import CliRunner
 
     from entropy_lab.cli.app import app

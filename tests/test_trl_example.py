@@ -14,7 +14,7 @@ pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # about 40 s on a shared 2-core CPU
+@pytest.mark.slow  # about 70 s on a shared 2-core CPU
 def test_trl_example_runs_and_is_traced(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -25,6 +25,6 @@ def test_trl_example_runs_and_is_traced(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tightness" in proc.stdout
     assert sorted(p.name for p in (run / "traces").iterdir()) == [
-        f"step_{s:06d}.parquet" for s in (2, 4, 6, 8)
+        f"step_{s:06d}.parquet" for s in (4, 8, 12, 16)
     ]
     assert (run / "metrics.parquet").is_file() and (run / "report.md").is_file()

@@ -98,7 +98,7 @@ def _keyed(out: Path, mode: str) -> pd.DataFrame:
 
 
 PRE_UPDATE = ("advantage", "ratio", "clip_indicator", "intervention_weight", "normalizer", "weight",
-              "entropy_before", "omega_paper", "omega_softmax")  # fmt: skip
+              "entropy_before", "omega_paper", "omega_softmax", "omega_covariance")  # fmt: skip
 POST_UPDATE = ("entropy_after", "delta_entropy", "delta_logit_linear")
 
 

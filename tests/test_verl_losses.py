@@ -299,3 +299,27 @@ def test_verl_discovers_the_plugin_from_its_entry_point():
 
     eps = {ep.name: ep.value for ep in entry_points(group="verl.plugins")}
     assert eps.get("entropy_lab") == "entropy_lab.integrations.verl"
+
+
+def test_install_actor_loss_on_a_verl_trainer_config():
+    """From verl's own generated PPO config: the installed loss function carries the actor config and pickles."""
+    import pickle
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import verl
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(verl.__file__).parent / "trainer" / "config" / "_generated_ppo_trainer.yaml")
+    cfg.actor_rollout_ref.actor.policy_loss.loss_mode = "entropy_lab.steer"
+    cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu = 2
+    sent = []
+    trainer = SimpleNamespace(config=cfg, actor_rollout_wg=SimpleNamespace(set_loss_fn=sent.append))
+    with pytest.raises(EntropyLabError, match="calculate_entropy=True"):
+        ev.install_actor_loss(trainer)
+    cfg.actor_rollout_ref.actor.calculate_entropy = True
+    ev.install_actor_loss(trainer)
+    (fn,) = sent
+    assert fn.func is ev.actor_loss
+    assert fn.keywords["config"].policy_loss.loss_mode == "entropy_lab.steer"
+    assert pickle.loads(pickle.dumps(fn)).func is ev.actor_loss  # Ray ships it to the workers

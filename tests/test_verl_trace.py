@@ -49,7 +49,7 @@ def test_traced_verl_actor_update_on_cpu(tmp_path):
     assert record["engine"] == "verl" and record["config"]["method"] == "entropy_lab.steer"
     (trace,) = run.trace_files()
     df = pd.read_parquet(trace)
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) == [*COLUMNS, "omega_paper_appendix"]  # contract, then registered extras
     metrics = run.read_metrics()
     assert metrics["traced"].tolist() == [True]
     assert {"loss", "grad_norm", "entropy/before"} <= set(metrics.columns)

@@ -28,9 +28,9 @@ Deliberate simplifications:
   trains, softmax(z / temperature), with its own forwards (pre-update at the optimizer step,
   post-update after it): ``omega_logit_grad`` is NaN in TRL traces (the report's decomposition
   then starts from ``softmax``), and the tracer's extra cost is two no-grad forwards.
-- The tracer's forwards call the unwrapped model (no DDP collectives), so ranks may trace
-  different numbers of tokens. Tested with DDP (``accelerate launch --cpu``); FSDP and ZeRO-3,
-  whose forwards are collective, are not supported for tracing.
+- The tracer's forwards call the unwrapped model (no DDP buffer broadcast); under
+  torch.distributed the tracer itself keeps the ranks' forward counts in step and adds
+  ``rank``. Tested with DDP over gloo (2 CPU processes); FSDP and ZeRO-3 are not tested.
 - A traced step prepares its micro-batches at its start instead of one by one; generation runs
   in the same order with the same parameters, so only the RNG draws of active dropout between
   micro-batches could differ (TRL runs without dropout unless the model config has it).
@@ -330,7 +330,8 @@ class TracedGRPOTrainer(GRPOTrainer):
         if window is None:
             return
         records = window.close()
-        records.insert(0, "rank", int(self.accelerator.process_index))
+        if "rank" not in records:  # the tracer adds it itself under torch.distributed
+            records.insert(0, "rank", int(self.accelerator.process_index))
         self._run.write_trace(window.traced, records, self.accelerator, window.step)
 
     # --- TRL's forward: stash what the annotations and STEER need ------------------------------

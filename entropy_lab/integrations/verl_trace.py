@@ -22,6 +22,8 @@ Simplifications:
   the batch = verl's token-mean at dp_size 1).
 - The tracer measures the model's own distribution (temperature 1); verl's loss divides the
   logits by ``temperature``: trace runs with rollout temperature 1.
+- With data parallelism (dp > 1) each rank traces its own shard; the tracer detects the
+  process group (``entropy_lab.trace_distributed``) and keeps its forwards collective-safe.
 """
 
 from __future__ import annotations
@@ -130,9 +132,11 @@ class VerlTraceRun:
         if not traced:
             output = worker.train_batch(data)
         else:
-            inputs: dict[str, Any] = tracer_inputs(data, pad_token_id)
+            module = worker.engine.module
+            device = next(module.parameters()).device  # the batch may still be on the host
+            inputs: dict[str, Any] = {k: v.to(device) for k, v in tracer_inputs(data, pad_token_id).items()}
             position_ids = inputs.pop("position_ids", None)
-            tracer = self._tracer_for(worker.engine.module)
+            tracer = self._tracer_for(module)
             fwd = {} if position_ids is None else {"position_ids": position_ids}
             with tracer.step(**inputs, step=step, forward_kwargs=fwd) as st:
                 output = worker.train_batch(data)
