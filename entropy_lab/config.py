@@ -284,11 +284,14 @@ def field_docs() -> dict[str, str]:
     import itertools
 
     tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
+    cls = tree.body[0]
+    assert isinstance(cls, ast.ClassDef)
+    body = cls.body
     docs = {}
     for node, nxt in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
             and isinstance(nxt, ast.Expr)
             and isinstance(nxt.value, ast.Constant)
         ):

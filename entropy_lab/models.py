@@ -194,7 +194,7 @@ def _supervised_warm_start(task: Task, tokenizer, spec: WarmStartSpec, arch: Tin
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     rng = np.random.default_rng(spec.seed)
     probe = task.sample(spec.probe_prompts, np.random.default_rng(spec.seed + 1))
-    info = {"steps": 0}
+    info: dict = {"steps": 0}
     for step in range(1, spec.max_steps + 1):
         ids, attn, loss_mask = _demo_batch(task, tokenizer, spec.batch_size, rng)
         logits = model(input_ids=ids, attention_mask=attn).logits  # (n, T, V)

@@ -521,11 +521,12 @@ def compute_loss(inputs: LossInputs, cfg: TrainConfig) -> LossOutput:
     logprob = inputs.logprob.to(dtype)  # (B, T) with grad
     zero = torch.zeros((), dtype=dtype, device=valid.device)
 
-    def clean(x: torch.Tensor | None, fill: torch.Tensor, grad: bool = False) -> torch.Tensor | None:
+    def clean(x: torch.Tensor, fill: torch.Tensor, grad: bool = False) -> torch.Tensor:
         # Padding positions get harmless values, so that NaN or inf there cannot reach a gradient.
-        if x is None:
-            return None
         return torch.where(valid, (x if grad else x.detach()).to(dtype), fill)
+
+    def clean_optional(x: torch.Tensor | None, fill: torch.Tensor, grad: bool = False) -> torch.Tensor | None:
+        return None if x is None else clean(x, fill, grad)
 
     cast = replace(
         inputs,
@@ -533,29 +534,36 @@ def compute_loss(inputs: LossInputs, cfg: TrainConfig) -> LossOutput:
         old_logprob=clean(inputs.old_logprob, logprob.detach()),  # r = 1 on padding
         advantages=clean(inputs.advantages, zero),
         mask=valid,
-        entropy=clean(inputs.entropy, zero, grad=True),
-        old_entropy=clean(inputs.old_entropy, zero),
-        collision=clean(inputs.collision, zero),
-        ref_logprob=clean(inputs.ref_logprob, logprob.detach()),
+        entropy=clean_optional(inputs.entropy, zero, grad=True),
+        old_entropy=clean_optional(inputs.old_entropy, zero),
+        collision=clean_optional(inputs.collision, zero),
+        ref_logprob=clean_optional(inputs.ref_logprob, logprob.detach()),
     )
     terms = objective(cast, cfg)
-    agg = dict(
-        mode=cfg.loss_agg, num_tokens=inputs.num_tokens, num_seqs=inputs.num_seqs, max_len=cfg.max_new_tokens
-    )
+
+    def aggregate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return agg_loss(
+            x,
+            valid,
+            cfg.loss_agg,
+            num_tokens=inputs.num_tokens,
+            num_seqs=inputs.num_seqs,
+            max_len=cfg.max_new_tokens,
+        )
 
     per_token = torch.where(valid, terms.per_token, zero)  # (B, T)
-    pg, normalizer = agg_loss(per_token, valid, **agg)
+    pg, normalizer = aggregate(per_token)
     loss = pg
     metrics = {"loss/pg": float(pg.detach())}
     # The KL and entropy aggregates are reported whenever given; they enter the loss only with a coefficient.
     if cast.ref_logprob is not None:
         kl = get_kl_estimator(cfg.kl_estimator)(cast.logprob, cast.ref_logprob)  # (B, T)
-        kl_agg, _ = agg_loss(kl, valid, **agg)
+        kl_agg, _ = aggregate(kl)
         metrics["loss/kl"] = float(kl_agg.detach())
         if cfg.kl_coef > 0:
             loss = loss + cfg.kl_coef * kl_agg
     if cast.entropy is not None:
-        ent_agg, _ = agg_loss(cast.entropy, valid, **agg)
+        ent_agg, _ = aggregate(cast.entropy)
         metrics["loss/entropy"] = float(ent_agg.detach())
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * ent_agg

@@ -123,7 +123,9 @@ def weights_vary(records: pd.DataFrame) -> bool:
 def noise_floor(tables: Tables) -> float:
     """The sign-agreement noise floor used in the tightness table (NaN without one)."""
     tightness = tables.get("tightness")
-    floors = finite_values(tightness["noise_floor"]) if tightness is not None and len(tightness) else []
+    floors = np.zeros(0)
+    if tightness is not None and len(tightness):
+        floors = finite_values(tightness["noise_floor"])
     return float(floors[0]) if len(floors) else float("nan")
 
 
@@ -172,7 +174,7 @@ register_report_entry(
                 "rmse_calibrated",
                 "sum_measured",
                 "sum_calibrated",
-            ],  # fmt: skip
+            ],
             figures=("measured_vs_predicted", "tightness_over_steps"),
         ),
     )
@@ -234,7 +236,7 @@ register_report_entry(
                 "sign_agreement",
                 "theory_agreement",
                 "softmax_disagreement",
-            ],  # fmt: skip
+            ],
             figures=("quadrants",),
         ),
     )

@@ -43,7 +43,8 @@ def load_run_records(run: RunDir, label: str | None = None) -> pd.DataFrame:
         raise EntropyLabError(
             f"{run.path} has no trace files (traces/step_*.parquet); train with trace_every > 0"
         )
-    frames, metadata = [], {}
+    frames: list[pd.DataFrame] = []
+    metadata: dict = {}
     for path in files:
         frame, config = load_records(path)
         frames.append(frame)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import comb
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def sample(
     device = next(model.parameters()).device
     p_ids, p_attn = encode_prompts(tokenizer, [p.prompt for p in problems], device)
     p_ids, p_attn = p_ids.repeat_interleave(n, 0), p_attn.repeat_interleave(n, 0)
-    gen_kw = (
+    gen_kw: dict[str, Any] = (
         dict(do_sample=False)
         if greedy
         else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
@@ -133,6 +134,7 @@ def response_stats(model, rollout: Rollout, micro_batch_size: int = 0) -> dict[s
         idx = torch.arange(s, min(B, s + mb), device=rollout.input_ids.device)
         logits = model(**rollout.rows(idx)).logits  # (b, T, V)
         st = token_stats(logits[:, :-1], rollout.input_ids[idx, 1:], check_finite=False)  # the trainer checks
+        assert st.logprob is not None  # targets were given
         out["logprob"][idx, 1:] = st.logprob.float()
         out["entropy"][idx, 1:] = st.entropy.float()
         out["collision"][idx, 1:] = st.collision.float()

@@ -91,11 +91,12 @@ def _chunk_stats_exact(z: torch.Tensor, targets: torch.Tensor | None, direction:
 
 def _nonfinite_rows(*values: torch.Tensor | None) -> torch.Tensor:
     """Indices of the rows where any of the (n,) ``values`` is NaN or infinite."""
-    bad = None
+    bad: torch.Tensor | None = None
     for v in values:
         if v is not None:
             b = ~torch.isfinite(v)
             bad = b if bad is None else bad | b
+    assert bad is not None, "at least one of the values is given"
     return bad.nonzero(as_tuple=True)[0]
 
 

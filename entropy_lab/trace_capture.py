@@ -57,6 +57,7 @@ class PreUpdateCapture:
         def hook(grad: torch.Tensor):
             if self.z_before is None or not bool(self.have_before[token_idx].all()):
                 return None
+            assert self.z_before is not None
             chunk_bytes = resolve_chunk_bytes(self.chunk_bytes, grad.device)
             step = rows_per_chunk(grad.shape[-1], chunk_bytes)
             # Chunked gathers: never a (k, V) copy of the gradient or of z_before. One pass over
@@ -71,6 +72,7 @@ class PreUpdateCapture:
                     chunk_bytes=chunk_bytes,
                     check_finite=False,
                 )
+                assert st.direction_dot is not None  # a direction was given
                 self.grad_dot.index_add_(0, tok, st.direction_dot.double())
                 self._store_pre(tok, st)
             self.have_grad[token_idx] = True

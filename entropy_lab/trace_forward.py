@@ -134,14 +134,12 @@ class OwnForward:
             for s in range(0, len(rows), bs):
                 chunk = rows[s : s + bs]  # (r,)
                 # Only the positions that predict traced tokens need the LM head (HF's logits_to_keep).
-                keep: torch.Tensor | None = (
-                    tok.t_idx[torch.cat([tok.tokens_of_row[b] for b in chunk.tolist()])] - 1
-                ).unique()
-                column = torch.arange(T, device=keep.device)  # position -> column of the logits
-                if self.keeps_logits and len(keep) < T:
-                    column[keep] = torch.arange(len(keep), device=keep.device)
-                else:
-                    keep = None
+                needed = (tok.t_idx[torch.cat([tok.tokens_of_row[b] for b in chunk.tolist()])] - 1).unique()
+                column = torch.arange(T, device=needed.device)  # position -> column of the logits
+                keep: torch.Tensor | None = None
+                if self.keeps_logits and len(needed) < T:
+                    column[needed] = torch.arange(len(needed), device=needed.device)
+                    keep = needed
                 kw = {
                     k: v[chunk] if isinstance(v, torch.Tensor) and v.shape[:1] == input_ids.shape[:1] else v
                     for k, v in self.forward_kwargs.items()
@@ -198,7 +196,9 @@ def post_update_pass(
     the pass a log-softmax and an entropy of ``z_before``. The post-update logits are read chunk
     by chunk straight from the forward's output, never copied out whole.
     """
-    use_pre = pre is not None and pre.logsumexp is not None
+    lse = pre.logsumexp if pre is not None else None  # (n,) or None
+    h_before = pre.entropy if pre is not None else None  # (n,) or None
+    use_pre = lse is not None and h_before is not None
     tokens = forward.tokens
     n, vocab = z_before.shape
     entropy_after = torch.empty(n, dtype=torch.float64, device=z_before.device)
@@ -216,8 +216,8 @@ def post_update_pass(
             h_after, lin, changed = entropy_change_stats(
                 take_rows(z_before, idx),
                 z_a,
-                before_logsumexp=take_rows(pre.logsumexp, idx) if use_pre else None,
-                before_entropy=take_rows(pre.entropy, idx) if use_pre else None,
+                before_logsumexp=take_rows(lse, idx) if lse is not None and use_pre else None,
+                before_entropy=take_rows(h_before, idx) if h_before is not None and use_pre else None,
                 chunk_bytes=chunk_bytes,
                 check_changed=not changed_any,
             )

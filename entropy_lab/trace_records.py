@@ -49,7 +49,9 @@ def build_records(
         default_normalizer: N where the loop annotated none (default: the batch's response tokens).
     """
     n = tokens.n
+    assert pre.logprob is not None, "pre-update statistics are computed with the traced targets"
     logprob = pre.logprob.double()
+    lr_value = float("nan") if lr is None else float(lr)
     nan = torch.full((n,), float("nan"), dtype=torch.float64, device=tokens.device)
     advantage = annotations.get("advantage", tokens.advantage if tokens.advantage is not None else nan)
     q = TokenQuantities(
@@ -63,7 +65,7 @@ def build_records(
         normalizer=annotations.get(
             "normalizer", tokens.n_response_tokens if default_normalizer is None else default_normalizer
         ),
-        lr=float("nan") if lr is None else float(lr),
+        lr=lr_value,
         logit_grad_dot=logit_grad_dot,
         inputs=dict(inputs or {}),
     )
@@ -80,7 +82,7 @@ def build_records(
         "intervention_weight": q.intervention_weight,
         "normalizer": q.normalizer,
         "weight": q.weight,
-        "lr": torch.full((n,), q.lr, dtype=torch.float64),
+        "lr": torch.full((n,), lr_value, dtype=torch.float64),
         "prob": q.prob,
         "logprob": logprob,
         "surprisal": -logprob,

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from bad_input_cases import BASE, CLI_CASES, LIBRARY_CASES
-from helpers_train import digit_reward, save_policy
+from conftest import digit_reward, save_policy  # the case functions run by name, without fixtures
 from typer.testing import CliRunner
 
 from entropy_lab.cli.app import app

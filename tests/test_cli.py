@@ -5,7 +5,6 @@ import shutil
 
 import pandas as pd
 import pytest
-from helpers_train import dense_reward_fixture, save_policy, tiny_policy_dir_fixture  # noqa: F401
 from typer.testing import CliRunner
 
 from entropy_lab.cli.app import app
@@ -67,10 +66,8 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_policy_dir):
+def trained_run(tmp_path_factory, tiny_policy_dir, digit_reward):
     mp = pytest.MonkeyPatch()
-    from helpers_train import digit_reward
-
     from entropy_lab.tasks.arithmetic import ArithmeticTask
 
     mp.setattr(ArithmeticTask, "reward", digit_reward)

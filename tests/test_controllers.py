@@ -5,12 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers_train import (  # noqa: F401  (the fixtures dense_reward, isolated_cache, tiny_policy_dir)
-    dense_reward_fixture,
-    isolated_cache_fixture,
-    small_config,
-    tiny_policy_dir_fixture,
-)
 from test_jvp import _batch, _pg_loss
 
 from entropy_lab.config import TrainConfig
@@ -193,7 +187,7 @@ def test_methods_are_registered_with_their_controllers():
 
 @pytest.mark.parametrize("method", ["adaptive-entropy", "entropy-target"])
 def test_controller_methods_train_and_checkpoint(
-    method, tiny_policy_dir, tmp_path, isolated_cache, dense_reward
+    method, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     cfg = small_config(method, tiny_policy_dir, entropy_target=5.0)
     Trainer(cfg, tmp_path / "run").train()

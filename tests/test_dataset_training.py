@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_train import TINY_SPEC
 
 from entropy_lab.methods import resolve_config
 from entropy_lab.models import build_tiny_policy, load_policy
@@ -19,11 +18,11 @@ TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% end
 
 @pytest.mark.skipif(not (DATA / "DAPO-Math-17k.parquet").is_file(), reason="shared data not present")
 @pytest.mark.filterwarnings("ignore:the optimizer step left every traced logit unchanged")
-def test_chat_model_trains_on_dapo_rows(tmp_path):
+def test_chat_model_trains_on_dapo_rows(tmp_path, tiny_spec):
     tok = build_char_tokenizer(string.printable)
     tok.chat_template = TEMPLATE
     model_dir = tmp_path / "chat"
-    build_tiny_policy(tok, TINY_SPEC).save_pretrained(model_dir)
+    build_tiny_policy(tok, tiny_spec).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     assert load_policy(model_dir)[1].chat_template == TEMPLATE  # the template survives the round trip
     cfg = resolve_config(

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
@@ -110,7 +109,7 @@ def test_tabular_policy_under_sgd_jvp_equals_softmax():
     torch.testing.assert_close(linear, softmax.double(), rtol=1e-9, atol=1e-14)
 
 
-def test_tiny_transformer_sgd_tiny_lr_matches_measured_entropy_change():
+def test_tiny_transformer_sgd_tiny_lr_matches_measured_entropy_change(make_tiny_lm):
     model = make_tiny_lm(vocab_size=48, seed=3).double()
     ids, resp, adv = _batch(48, B=8, T=12, P=4, seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -122,7 +121,7 @@ def test_tiny_transformer_sgd_tiny_lr_matches_measured_entropy_change():
     assert np.corrcoef(change.numpy(), measured)[0, 1] >= 0.999
 
 
-def test_jvp_matches_finite_differences_on_a_transformer():
+def test_jvp_matches_finite_differences_on_a_transformer(make_tiny_lm):
     model = make_tiny_lm(vocab_size=32, seed=4).double()
     ids, _, _ = _batch(32, B=3, T=8)
     g = torch.Generator().manual_seed(5)
@@ -141,7 +140,7 @@ def test_jvp_matches_finite_differences_on_a_transformer():
     assert float((fd - dz).abs().max() / dz.abs().max()) < 1e-3
 
 
-def test_sdpa_runs_with_the_math_kernel_and_equals_eager():
+def test_sdpa_runs_with_the_math_kernel_and_equals_eager(make_tiny_lm):
     ids, _, _ = _batch(32, B=3, T=8)
     out = {}
     for impl in ("eager", "sdpa"):
@@ -152,14 +151,14 @@ def test_sdpa_runs_with_the_math_kernel_and_equals_eager():
     torch.testing.assert_close(out["sdpa"], out["eager"], rtol=1e-5, atol=1e-8)
 
 
-def test_flash_attention_is_refused_with_the_fix():
+def test_flash_attention_is_refused_with_the_fix(make_tiny_lm):
     model = make_tiny_lm()
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(EntropyLabError, match='attn_implementation="eager"'):
         jvp_logits(model, {}, input_ids=torch.zeros(1, 3, dtype=torch.long))
 
 
-def test_parameters_are_restored_after_an_exception():
+def test_parameters_are_restored_after_an_exception(make_tiny_lm):
     model = make_tiny_lm()
     before = {n: p for n, p in model.named_parameters()}
     update = {p: torch.ones_like(p) for p in model.parameters()}

@@ -5,13 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
-from helpers_train import (  # noqa: F401  (the fixtures dense_reward, isolated_cache, tiny_policy_dir)
-    dense_reward_fixture,
-    isolated_cache_fixture,
-    small_config,
-    tiny_policy_dir_fixture,
-)
 from test_jvp import LinearSoftmaxLM, _batch, _pg_loss
 
 from entropy_lab.errors import EntropyLabError
@@ -81,7 +74,7 @@ def test_logit_linear_model_under_adamw_with_clipping_and_sampling(micro):
     assert np.abs(df.delta_entropy - df.delta_logit_linear).max() > 1e-6  # curvature is present
 
 
-def test_tiny_transformer_sgd_tiny_lr_is_tight():
+def test_tiny_transformer_sgd_tiny_lr_is_tight(make_tiny_lm):
     model = make_tiny_lm(vocab_size=48, seed=3).double()
     ids, resp, adv = _batch(48, B=8, T=12, P=4, seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -92,7 +85,7 @@ def test_tiny_transformer_sgd_tiny_lr_is_tight():
     assert np.corrcoef(df.omega_softmax, df.delta_entropy)[0, 1] < 0.999
 
 
-def test_flash_attention_in_the_tracer_names_the_fix():
+def test_flash_attention_in_the_tracer_names_the_fix(make_tiny_lm):
     model = make_tiny_lm()
     model.config._attn_implementation = "flash_attention_2"
     ids, resp, adv = _batch(64)
@@ -106,7 +99,9 @@ def test_flash_attention_in_the_tracer_names_the_fix():
             opt.step()
 
 
-def test_trainer_trace_jvp_writes_the_columns(tiny_policy_dir, tmp_path, isolated_cache, dense_reward):
+def test_trainer_trace_jvp_writes_the_columns(
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
+):
     cfg = small_config("grpo", tiny_policy_dir, steps=1, trace_jvp=True, micro_batch_size=8)
     Trainer(cfg, tmp_path / "run").train()
     (f,) = RunDir(tmp_path / "run").trace_files()

@@ -5,13 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
-from helpers_train import (  # noqa: F401  (the fixtures dense_reward, isolated_cache, tiny_policy_dir)
-    dense_reward_fixture,
-    isolated_cache_fixture,
-    small_config,
-    tiny_policy_dir_fixture,
-)
 from test_jvp import LinearSoftmaxLM, _batch, _pg_loss
 from typer.testing import CliRunner
 
@@ -38,7 +31,7 @@ def _swept(model, opt, ids, resp, adv, warm_steps=2, jvp=True):
     return st.records
 
 
-def test_shifted_parameters_read_theta_plus_eta_dtheta_and_are_restored():
+def test_shifted_parameters_read_theta_plus_eta_dtheta_and_are_restored(make_tiny_lm):
     model = make_tiny_lm(vocab_size=32).double()
     ids = torch.randint(0, 32, (2, 6))
     update = {p: torch.randn_like(p) * 1e-2 for p in model.parameters()}
@@ -82,7 +75,7 @@ def test_logit_linear_model_sweep_is_exact():
     assert (jvp.pearson > 0.999999).all() and np.allclose(jvp.gain, 1.0, atol=1e-6)
 
 
-def test_transformer_curvature_vanishes_as_eta_shrinks_coupling_does_not():
+def test_transformer_curvature_vanishes_as_eta_shrinks_coupling_does_not(make_tiny_lm):
     model = make_tiny_lm(vocab_size=48, seed=3).double()
     ids, resp, adv = _batch(48, B=8, T=12, P=4, seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -104,7 +97,9 @@ def test_records_without_a_sweep_give_one_clear_error():
         sweep_long(__import__("pandas").DataFrame({"delta_entropy": [0.0]}))
 
 
-def test_cli_eta_sweep_from_a_checkpoint(tiny_policy_dir, tmp_path, isolated_cache, dense_reward):
+def test_cli_eta_sweep_from_a_checkpoint(
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
+):
     cfg = small_config("grpo", tiny_policy_dir, steps=2, trace_every=0, eval_every=0)
     Trainer(cfg, tmp_path / "run").train()
     result = CliRunner().invoke(app, ["trace", "--run", str(tmp_path / "run"), "--eta-sweep"])

@@ -20,12 +20,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers_train import (  # noqa: F401  (the fixtures dense_reward, isolated_cache, tiny_policy_dir)
-    dense_reward_fixture,
-    isolated_cache_fixture,
-    small_config,
-    tiny_policy_dir_fixture,
-)
 
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.models import load_policy
@@ -46,7 +40,7 @@ SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
 
-    from helpers_train import digit_reward, small_config
+    from conftest import digit_reward, small_config
     from entropy_lab.tasks.arithmetic import ArithmeticTask
     from entropy_lab.trainer import Trainer
 
@@ -170,7 +164,7 @@ PHASE_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
 
     import entropy_lab.trainer as trainer_module
-    from helpers_train import SMALL, TINY_SPEC, digit_reward
+    from conftest import SMALL, TINY_SPEC, digit_reward
     from entropy_lab.methods import resolve_config
     from entropy_lab.models import WarmStartSpec, warm_start
     from entropy_lab.tasks.arithmetic import ArithmeticTask
@@ -293,7 +287,7 @@ def test_kill_at_each_phase_then_resume_equals_uninterrupted(phase, warm_referen
 
 
 def test_resume_before_the_first_checkpoint_starts_over(
-    tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+    tmp_path, tiny_policy_dir, isolated_cache, dense_reward, small_config
 ):
     cfg = small_config("grpo", tiny_policy_dir, steps=2, checkpoint_every=0)
     Trainer(cfg, tmp_path / "full").train()
@@ -310,7 +304,9 @@ def test_resume_before_the_first_checkpoint_starts_over(
     pd.testing.assert_frame_equal(RunDir(out).read_eval(), RunDir(tmp_path / "full").read_eval())
 
 
-def test_resume_where_there_is_no_run_is_one_clear_error(tmp_path, tiny_policy_dir, isolated_cache):
+def test_resume_where_there_is_no_run_is_one_clear_error(
+    tmp_path, tiny_policy_dir, isolated_cache, small_config
+):
     cfg = small_config("grpo", tiny_policy_dir, steps=2)
     for out in (tmp_path / "missing", tmp_path / "empty"):
         if out.name == "empty":
@@ -322,7 +318,7 @@ def test_resume_where_there_is_no_run_is_one_clear_error(tmp_path, tiny_policy_d
     assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
 
 
-def test_resume_with_a_changed_config_names_the_key(tmp_path, tiny_policy_dir, isolated_cache):
+def test_resume_with_a_changed_config_names_the_key(tmp_path, tiny_policy_dir, isolated_cache, small_config):
     cfg = small_config("grpo", tiny_policy_dir, steps=2, eval_every=0)
     out = tmp_path / "run"
     Trainer(cfg, out).train()
@@ -334,7 +330,7 @@ def test_resume_with_a_changed_config_names_the_key(tmp_path, tiny_policy_dir, i
     pd.testing.assert_frame_equal(RunDir(out).read_metrics(), before)
 
 
-def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_policy_dir, isolated_cache):
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_policy_dir, isolated_cache, small_config):
     cfg = small_config("grpo", tiny_policy_dir, steps=2)
     out = tmp_path / "run"
     Trainer(cfg, out).train()
@@ -351,7 +347,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_policy_dir, iso
 # --- unsafe and damaged checkpoints --------------------------------------------------------------
 
 
-def test_a_malicious_checkpoint_runs_nothing(tmp_path, tiny_policy_dir, isolated_cache):
+def test_a_malicious_checkpoint_runs_nothing(tmp_path, tiny_policy_dir, isolated_cache, small_config):
     from test_bad_inputs import plant_payload  # a pickled exec() call where RNG state belongs
     from typer.testing import CliRunner
 
@@ -380,7 +376,7 @@ def test_a_malicious_checkpoint_runs_nothing(tmp_path, tiny_policy_dir, isolated
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
-    tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+    tmp_path, tiny_policy_dir, isolated_cache, dense_reward, small_config
 ):
     cfg = small_config("grpo", tiny_policy_dir, steps=4, checkpoint_every=1, eval_every=2)
     Trainer(cfg, tmp_path / "full").train()
@@ -399,7 +395,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert sorted(run.checkpoints()) == [1, 2, 3, 4]
 
 
-def test_no_usable_checkpoint_names_the_files_to_remove(tmp_path, tiny_policy_dir, isolated_cache):
+def test_no_usable_checkpoint_names_the_files_to_remove(
+    tmp_path, tiny_policy_dir, isolated_cache, small_config
+):
     cfg = small_config("grpo", tiny_policy_dir, steps=2, checkpoint_every=1, eval_every=0)
     Trainer(cfg, tmp_path / "run").train()
     run = RunDir(tmp_path / "run")
@@ -416,7 +414,7 @@ def test_no_usable_checkpoint_names_the_files_to_remove(tmp_path, tiny_policy_di
 
 
 def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_last_one(
-    monkeypatch, tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+    monkeypatch, tmp_path, tiny_policy_dir, isolated_cache, dense_reward, small_config
 ):
     import errno
 
@@ -446,7 +444,7 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_last_
 
 
 def test_a_read_only_traces_directory_stops_with_one_line(
-    monkeypatch, tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+    monkeypatch, tmp_path, tiny_policy_dir, isolated_cache, dense_reward, small_config
 ):
     """Root ignores file modes, so the refusal the kernel gives a user is raised where traces are written."""
     import errno
@@ -499,7 +497,7 @@ def crash_after(step: int):
 
 @pytest.mark.parametrize("method", ["clip-cov", "kl", "steer"])  # grpo: see the SIGKILL test
 def test_resume_after_a_crash_equals_uninterrupted(
-    method, tmp_path, tiny_policy_dir, isolated_cache, dense_reward
+    method, tmp_path, tiny_policy_dir, isolated_cache, dense_reward, small_config
 ):
     """Same process, so same threads: the resumed run matches exactly (clip-cov uses the loss RNG,
     mini-batches the shuffle RNG, trace_max_positions the tracer's position sampling)."""

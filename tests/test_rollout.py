@@ -8,7 +8,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from helpers_train import tiny_policy
 
 from entropy_lab import rollout as rollout_mod
 from entropy_lab.rollout import (
@@ -26,7 +25,7 @@ PROBLEMS = [Problem("1+2=", "3"), Problem("23+45=", "68"), Problem("9+9=", "18")
 
 
 @pytest.fixture(scope="module")
-def policy():
+def policy(tiny_policy):
     model, tok = tiny_policy(seed=3)
     return model, tok
 

@@ -7,12 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers_train import (  # noqa: F401  (fixtures)
-    dense_reward_fixture,
-    isolated_cache_fixture,
-    small_config,
-    tiny_policy_dir_fixture,
-)
 
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
@@ -129,7 +123,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
 
 
 def test_overwrite_happens_only_after_the_new_configuration_and_policy_load(
-    tmp_path, tiny_policy_dir, isolated_cache
+    tmp_path, tiny_policy_dir, isolated_cache, small_config
 ):
     """A bad value or a bad model path fails before the old run is touched."""
     out = tmp_path / "run"

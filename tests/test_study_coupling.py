@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers_train import dense_reward_fixture, tiny_policy_dir_fixture  # noqa: F401
 from typer.testing import CliRunner
 
 from entropy_lab.cli.app import app

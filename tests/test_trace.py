@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_lm
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from entropy_lab.errors import EntropyLabError
@@ -54,7 +53,7 @@ def naive_entropy(model, ids, attn, rows, pos):
 
 
 @pytest.mark.parametrize("left_pad", [False, True])
-def test_delta_entropy_matches_independent_recomputation(left_pad):
+def test_delta_entropy_matches_independent_recomputation(left_pad, make_tiny_lm):
     model = make_tiny_lm()
     ids, attn, resp, adv = batch(left_pad=left_pad)
     before = copy.deepcopy(model)
@@ -78,7 +77,7 @@ def test_delta_entropy_matches_independent_recomputation(left_pad):
     assert (df.normalizer == int(resp.sum())).all()
 
 
-def test_gradient_accumulation_equals_one_batch():
+def test_gradient_accumulation_equals_one_batch(make_tiny_lm):
     ids, attn, resp, adv = batch(seed=1)
     n_tok = resp.sum()
     results = []
@@ -97,7 +96,7 @@ def test_gradient_accumulation_equals_one_batch():
         np.testing.assert_allclose(full[col], acc[col], atol=1e-6, rtol=1e-5, err_msg=col)
 
 
-def test_logit_grad_equals_softmax_for_weighted_logprob_loss_with_sgd():
+def test_logit_grad_equals_softmax_for_weighted_logprob_loss_with_sgd(make_tiny_lm):
     model = make_tiny_lm(seed=4)
     ids, attn, resp, adv = batch(seed=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -108,7 +107,7 @@ def test_logit_grad_equals_softmax_for_weighted_logprob_loss_with_sgd():
     np.testing.assert_allclose(df.omega_logit_grad, df.omega_softmax, rtol=1e-4, atol=1e-9)
 
 
-def test_dropout_measures_both_sides_in_eval_mode():
+def test_dropout_measures_both_sides_in_eval_mode(make_tiny_lm):
     model = make_tiny_lm(dropout=0.3, family="gpt2")
     model.train()
     ids, attn, resp, adv = batch(seed=5)
@@ -124,7 +123,7 @@ def test_dropout_measures_both_sides_in_eval_mode():
     np.testing.assert_allclose(df.entropy_after, naive_entropy(model.eval(), ids, attn, rows, pos), atol=1e-5)
 
 
-def test_sampled_positions_are_exact_and_reproducible():
+def test_sampled_positions_are_exact_and_reproducible(make_tiny_lm):
     ids, attn, resp, adv = batch(seed=6)
     full_model, model = make_tiny_lm(seed=6), make_tiny_lm(seed=6)
     frames = []
@@ -142,7 +141,7 @@ def test_sampled_positions_are_exact_and_reproducible():
     np.testing.assert_allclose(merged.omega_logit_grad, merged.omega_logit_grad_full, rtol=1e-5, atol=1e-9)
 
 
-def test_rows_never_forwarded_are_measured_before_the_step():
+def test_rows_never_forwarded_are_measured_before_the_step(make_tiny_lm):
     model = make_tiny_lm(seed=7)
     ids, attn, resp, adv = batch(seed=7)
     before = copy.deepcopy(model)
@@ -159,7 +158,7 @@ def test_rows_never_forwarded_are_measured_before_the_step():
     assert df.loc[df["sample"] < 2, "omega_logit_grad"].notna().all()
 
 
-def test_zero_advantages_give_zero_deltas_and_a_warning():
+def test_zero_advantages_give_zero_deltas_and_a_warning(make_tiny_lm):
     model = make_tiny_lm(seed=8)
     ids, attn, resp, _ = batch(seed=8)
     adv = torch.zeros(B)
@@ -178,7 +177,7 @@ def _hook_count(model):
     return len(model._forward_hooks) + len(_global_optimizer_pre_hooks)
 
 
-def test_hooks_removed_after_exception_and_when_nested():
+def test_hooks_removed_after_exception_and_when_nested(make_tiny_lm):
     model = make_tiny_lm(seed=9)
     ids, attn, resp, adv = batch(seed=9)
     base = _hook_count(model)
@@ -199,7 +198,7 @@ def test_hooks_removed_after_exception_and_when_nested():
     np.testing.assert_allclose(merged.delta_entropy, merged.delta_entropy_o, atol=1e-6)
 
 
-def test_bad_inputs_give_one_clear_error():
+def test_bad_inputs_give_one_clear_error(make_tiny_lm):
     model = make_tiny_lm(seed=10)
     ids, attn, resp, adv = batch(seed=10)
     tracer = EntropyTracer(model)
@@ -225,7 +224,7 @@ def test_bad_inputs_give_one_clear_error():
             opt.step()
 
 
-def test_records_save_and_load_with_config(tmp_path):
+def test_records_save_and_load_with_config(tmp_path, make_tiny_lm):
     model = make_tiny_lm(seed=11)
     ids, attn, resp, adv = batch(seed=11)
     tracer = EntropyTracer(model, config={"method": "grpo", "lr": 0.1})
@@ -246,7 +245,7 @@ def test_records_save_and_load_with_config(tmp_path):
         load_records(tmp_path / "bad.parquet")
 
 
-def test_no_optimizer_step_warns():
+def test_no_optimizer_step_warns(make_tiny_lm):
     model = make_tiny_lm(seed=12)
     ids, attn, resp, adv = batch(seed=12)
     with warnings.catch_warnings(record=True) as caught:
@@ -284,7 +283,7 @@ def test_take_rows_is_a_view_for_a_run_of_rows_and_a_copy_otherwise():
     assert take_rows(x, torch.tensor([], dtype=torch.long)).shape == (0, 2)
 
 
-def test_annotations_scalar_rows_and_shape_errors():
+def test_annotations_scalar_rows_and_shape_errors(make_tiny_lm):
     model = make_tiny_lm(seed=13)
     ids, attn, resp, adv = batch(seed=13)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -306,7 +305,7 @@ def test_annotations_scalar_rows_and_shape_errors():
     assert (df.loc[rows12, "weight"] == 0).all()
 
 
-def test_given_optimizer_is_hooked_instead_of_the_global_pre_step_hook():
+def test_given_optimizer_is_hooked_instead_of_the_global_pre_step_hook(make_tiny_lm):
     model = make_tiny_lm(seed=14)
     ids, attn, resp, adv = batch(seed=14)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -16,19 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers_train import (  # noqa: F401  (the fixtures dense_reward, isolated_cache, tiny_policy_dir)
-    dense_reward_fixture,
-    isolated_cache_fixture,
-    save_policy,
-    small_config,
-    tiny_policy_dir_fixture,
-)
 
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.methods import METHODS, resolve_config
 from entropy_lab.models import load_policy
 from entropy_lab.records import COLUMNS, load_records
 from entropy_lab.runs import RunDir
+from entropy_lab.tasks.arithmetic import ArithmeticTask
 from entropy_lab.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -49,18 +43,28 @@ def state_of(model) -> dict[str, torch.Tensor]:
 # --- every method ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains_two_steps(method, tiny_policy_dir, tmp_path, isolated_cache, dense_reward):
-    cfg = small_config(method, tiny_policy_dir)
-    out = tmp_path / "run"
-    returned = Trainer(cfg, out).train()
-    run = RunDir(out)
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def trained(request, tiny_policy_dir, tmp_path_factory, digit_reward, small_config):
+    """Two steps of one catalogue method on the tiny policy: (cfg, run, returned metrics), trained once."""
+    root = tmp_path_factory.mktemp(f"train-{request.param}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENTROPY_LAB_CACHE", str(root / "cache"))
+        mp.setattr(ArithmeticTask, "reward", digit_reward)
+        cfg = small_config(request.param, tiny_policy_dir)
+        returned = Trainer(cfg, root / "run").train()
+    return cfg, RunDir(root / "run"), returned
 
+
+def test_run_config_records_the_resolved_config(trained):
+    cfg, run, _ = trained
     record = json.loads(run.config_path.read_text())
     assert record["config"] == cfg.to_dict()
-    assert record["config"]["method"] == method
+    assert record["config"]["method"] == cfg.method
     assert record["seed"] == cfg.seed and "torch" in record["versions"]
 
+
+def test_metrics_every_step_finite_and_returned(trained):
+    _, run, returned = trained
     metrics = run.read_metrics()
     assert len(metrics) == 2 and metrics["step"].tolist() == [1, 2]
     pd.testing.assert_frame_equal(metrics, returned, check_dtype=False)
@@ -69,12 +73,18 @@ def test_every_method_trains_two_steps(method, tiny_policy_dir, tmp_path, isolat
         assert finite(metrics[key]), key
     assert (metrics["advantage/zero_frac"] < 1).all(), "the dense reward should give non-zero advantages"
 
+
+def test_evaluations_at_start_and_every_step(trained):
+    _, run, _ = trained
     evals = run.read_eval()
     assert evals["step"].tolist() == [0, 1, 2]
     for key in ("eval/accuracy", "eval/pass@1", "eval/pass@2"):
         assert finite(evals[key]) and evals[key].between(0, 1).all(), key
     assert (evals["eval/pass@2"] >= evals["eval/pass@1"] - 1e-12).all()
 
+
+def test_traces_every_step_hold_the_record_contract(trained):
+    cfg, run, _ = trained
     files = run.trace_files()
     assert [f.name for f in files] == ["step_000001.parquet", "step_000002.parquet"]
     for step, f in enumerate(files, start=1):
@@ -86,20 +96,34 @@ def test_every_method_trains_two_steps(method, tiny_policy_dir, tmp_path, isolat
             assert finite(df[col]), col
         assert (df["delta_entropy"] != 0).any(), "the update changed nothing"
         assert (df["lr"] == cfg.lr).all()
-    records = all_records(run)
-    if method == "steer":
-        assert (records["intervention_weight"] != 1).any()
-        assert records["intervention_weight"].between(cfg.steer_lambda_min - 1e-9, 1 + 1e-9).all()
-    if method == "kl":
-        assert "loss/kl" in metrics.columns and finite(metrics["loss/kl"])
-        assert metrics["loss/kl"].iloc[1] > 0, "step 2's policy differs from the reference"
 
+
+def test_checkpoint_at_the_last_step(trained):
+    _, run, _ = trained
     ckpt = run.checkpoint_path(2)
     assert (ckpt / "trainer_state.pt").is_file() and (ckpt / "model" / "config.json").is_file()
     assert sorted(run.checkpoints()) == [2]
 
 
-def test_kl_uses_a_frozen_reference_model(tiny_policy_dir, tmp_path, isolated_cache, dense_reward):
+@pytest.mark.parametrize("trained", ["steer"], indirect=True)
+def test_steer_weights_act_within_their_bounds(trained):
+    cfg, run, _ = trained
+    records = all_records(run)
+    assert (records["intervention_weight"] != 1).any()
+    assert records["intervention_weight"].between(cfg.steer_lambda_min - 1e-9, 1 + 1e-9).all()
+
+
+@pytest.mark.parametrize("trained", ["kl"], indirect=True)
+def test_kl_is_logged_and_grows_from_zero(trained):
+    _, run, _ = trained
+    metrics = run.read_metrics()
+    assert "loss/kl" in metrics.columns and finite(metrics["loss/kl"])
+    assert metrics["loss/kl"].iloc[1] > 0, "step 2's policy differs from the reference"
+
+
+def test_kl_uses_a_frozen_reference_model(
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
+):
     trainer = Trainer(small_config("kl", tiny_policy_dir), tmp_path / "run")
     trainer.train()
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
@@ -109,7 +133,9 @@ def test_kl_uses_a_frozen_reference_model(tiny_policy_dir, tmp_path, isolated_ca
     assert not all(torch.equal(trainer.model.state_dict()[n], v) for n, v in initial.state_dict().items())
 
 
-def test_methods_without_kl_load_no_reference(tiny_policy_dir, tmp_path, isolated_cache, dense_reward):
+def test_methods_without_kl_load_no_reference(
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
+):
     trainer = Trainer(small_config("grpo", tiny_policy_dir, steps=1), tmp_path / "run")
     trainer.train()
     assert trainer.ref_model is None
@@ -120,7 +146,7 @@ def test_methods_without_kl_load_no_reference(tiny_policy_dir, tmp_path, isolate
 
 
 def test_micro_and_mini_batches_and_epochs_are_traced(
-    tiny_policy_dir, tmp_path, isolated_cache, dense_reward
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     cfg = small_config("grpo", tiny_policy_dir, micro_batch_size=4, mini_batches=2, ppo_epochs=2)
     assert cfg.prompts_per_step * cfg.samples_per_prompt == 16
@@ -150,7 +176,7 @@ def test_micro_and_mini_batches_and_epochs_are_traced(
     ],
 )
 def test_gradient_accumulation_matches_whole_batch(
-    method, overrides, tiny_policy_dir, tmp_path, isolated_cache, dense_reward
+    method, overrides, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     """micro_batch_size only splits the work: the accumulated gradient is the whole batch's."""
     runs = {}
@@ -174,7 +200,7 @@ def test_gradient_accumulation_matches_whole_batch(
 # --- run directory protection ------------------------------------------------------------
 
 
-def test_refuses_to_overwrite_a_run(tiny_policy_dir, tmp_path, isolated_cache):
+def test_refuses_to_overwrite_a_run(tiny_policy_dir, tmp_path, isolated_cache, small_config):
     out = tmp_path / "run"
     cfg = small_config("grpo", tiny_policy_dir, steps=1, eval_every=0, trace_every=0)
     Trainer(cfg, out).train()
@@ -224,7 +250,9 @@ def test_unknown_config_key_lists_valid_keys():
 
 
 @pytest.mark.parametrize("eval_every", [0, 1])
-def test_nan_policy_stops_with_one_clear_error(eval_every, tmp_path, isolated_cache):
+def test_nan_policy_stops_with_one_clear_error(
+    eval_every, tmp_path, isolated_cache, save_policy, small_config
+):
     """A policy whose logits are all NaN: the run stops with an EntropyLabError, not a torch crash.
 
     Fails today: ``model.generate`` raises a RuntimeError ("probability tensor contains
@@ -261,7 +289,7 @@ def _assert_checkpoint_intact(run: RunDir, step: int, expected: dict[str, torch.
 
 
 def test_nan_loss_after_a_checkpoint_stops_and_keeps_it(
-    monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward
+    monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     saved = {}
     original_forward = Trainer._forward_stats
@@ -285,7 +313,7 @@ def test_nan_loss_after_a_checkpoint_stops_and_keeps_it(
 
 
 def test_nan_gradient_stops_before_the_optimizer_step(
-    monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward
+    monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     saved = {}
 
@@ -315,7 +343,7 @@ def _naive_entropy(model, input_ids, attention_mask, position_ids, rows, positio
 
 
 def test_trace_matches_recomputation_from_saved_weights(
-    monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward
+    monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     captured = {}
     original = Trainer.rollout
@@ -354,7 +382,7 @@ def test_trace_matches_recomputation_from_saved_weights(
     assert math.isclose(float(df["lr"].iloc[0]), cfg.lr)
 
 
-def test_optimizer_by_name(tmp_path, tiny_policy_dir, dense_reward):
+def test_optimizer_by_name(tmp_path, tiny_policy_dir, dense_reward, small_config):
     """optimizer=sgd takes exactly the step -lr * grad that the estimators model."""
     cfg = small_config("grpo", tiny_policy_dir, optimizer="sgd", lr=0.5, steps=1, grad_clip=0.0)
     trainer = Trainer(cfg, tmp_path / "sgd")

@@ -11,12 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_train import (  # noqa: F401  (the fixtures dense_reward, isolated_cache, tiny_policy_dir)
-    dense_reward_fixture,
-    isolated_cache_fixture,
-    small_config,
-    tiny_policy_dir_fixture,
-)
 
 import entropy_lab.trainer as trainer_module
 from entropy_lab.records import load_records
@@ -62,7 +56,7 @@ def run(cfg, out, monkeypatch, separate: bool):
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_dropped_forward_gives_the_same_metrics_and_records(
-    method, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, monkeypatch
+    method, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, monkeypatch, small_config
 ):
     cfg = small_config(method, tiny_policy_dir, steps=2, eval_every=0, checkpoint_every=0, **CASES[method])
     m_once, r_once, calls_once = run(cfg, tmp_path / "once", monkeypatch, separate=False)
@@ -97,13 +91,15 @@ def test_dropped_forward_gives_the_same_metrics_and_records(
         ({"ppo_epochs": 2}, False),
     ],
 )
-def test_single_use_only_when_the_batch_feeds_one_forward(overrides, expected, tiny_policy_dir, tmp_path):
+def test_single_use_only_when_the_batch_feeds_one_forward(
+    overrides, expected, tiny_policy_dir, tmp_path, small_config
+):
     cfg = small_config("grpo", tiny_policy_dir, **overrides)
     assert Trainer(cfg, tmp_path / "run").single_use() is expected
 
 
 def test_kl_cov_penalty_is_exactly_zero_on_a_batch_used_once(
-    tiny_policy_dir, tmp_path, isolated_cache, dense_reward
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     """KL-Cov's |logp - logp_old| is 0 with old = current: its (sub)gradient is 0, so the update is
     the unpenalised one. (With a separate forward the difference was rounding noise, and the

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_lm
 from typer.testing import CliRunner
 
 from entropy_lab import analyses, figures
@@ -68,7 +67,7 @@ def traced_records(model, seed=0, my_input=False):
     return step.records
 
 
-def test_user_estimator_in_records_tightness_figures_and_cli(user_estimators, tmp_path):
+def test_user_estimator_in_records_tightness_figures_and_cli(user_estimators, tmp_path, make_tiny_lm):
     records = traced_records(make_tiny_lm(seed=1))
     column = "omega_twice_softmax"
     # contract columns first, in order, then the registered estimators beyond it
@@ -104,7 +103,7 @@ def test_user_estimator_in_records_tightness_figures_and_cli(user_estimators, tm
     assert NAME in run.report_path.read_text()
 
 
-def test_required_input_given_by_the_producer(user_estimators):
+def test_required_input_given_by_the_producer(user_estimators, make_tiny_lm):
     records = traced_records(make_tiny_lm(seed=2), my_input=True)
     np.testing.assert_allclose(records["omega_needs_input"], 0.5 * np.arange(len(records)))
     assert analyses.available_estimators(records)[-2:] == [NAME, NEEDY]
@@ -132,7 +131,7 @@ def test_estimator_names_map_back_from_columns_and_unregistering_unknown_fails()
         unregister_estimator("nope")
 
 
-def test_records_accept_extra_columns(tmp_path):
+def test_records_accept_extra_columns(tmp_path, make_tiny_lm):
     records = traced_records(make_tiny_lm(seed=3))
     extra = records.assign(omega_user_thing=0.0, rank=np.arange(len(records)))
     validate_records(extra)

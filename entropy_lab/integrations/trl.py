@@ -46,6 +46,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ class TemperedLM(nn.Module):
         self, base: nn.Module, temperature: float, autocast: Callable[[], contextlib.AbstractContextManager]
     ):
         super().__init__()
-        self.base = base
+        self.base: Any = base  # a transformers model
         self.temperature = float(temperature)
         self._autocast = autocast
 
@@ -162,7 +163,7 @@ class _Window:
         if any(have_old):
             if not all(have_old):
                 raise EntropyLabError("TRL gave old log-probs for some micro-batches of a step only")
-            old = torch.cat([self.per_position(r[5], r[3], 0.0) for r in rows])  # (B, W)
+            old = torch.cat([self.per_position(cast(torch.Tensor, r[5]), r[3], 0.0) for r in rows])  # (B, W)
         self.input_ids, self.attention_mask = input_ids, attention  # (B, W) each
         self._stack = contextlib.ExitStack()
         self.traced = self._stack.enter_context(
@@ -223,6 +224,8 @@ class TracedGRPOTrainer(GRPOTrainer):
         overwrite_run: replace an entropy-lab run already in ``run_dir`` (else it is an error,
             unless training resumes from a checkpoint).
     """
+
+    _step: int  # TRL's buffered-slice counter, set by GRPOTrainer
 
     def __init__(
         self,
@@ -339,7 +342,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         out = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *a, **kw
         )
-        if gen:
+        if gen and self._gen_stash is not None:
             self._gen_stash.append((out[0], out[1]))
         if self._capture is not None and torch.is_grad_enabled():
             self._capture["logps"] = out[0].detach()
@@ -365,7 +368,7 @@ class TracedGRPOTrainer(GRPOTrainer):
             if not found:
                 raise EntropyLabError("could not find the rollout entropies of TRL's old log-probs")
             out[OLD_ENTROPY_KEY] = found[0].detach()
-        if self.model.training and self._el_cfg.steer_norm == "batch":
+        if self.model.training and self._el_cfg is not None and self._el_cfg.steer_norm == "batch":
             self._steer_context = self._batch_context(out)
         return out
 
@@ -385,6 +388,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         full = LossInputs(
             logprob=old, old_logprob=old, advantages=adv, mask=mask, entropy=ent, old_entropy=ent
         )
+        assert self._el_cfg is not None  # only STEER runs ask for a batch context
         rng = MagnitudeRange.from_context(get_objective("steer").prepare(full, self._el_cfg))
         big = torch.finfo(torch.float64).max
         local = torch.tensor(
@@ -413,7 +417,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         tracing = self._window is not None and self.model.training
         if self._el_cfg is not None:
             loss, out = self._project_loss(model, inputs)
-            if tracing:
+            if tracing and self._window is not None:
                 world = self.accelerator.num_processes
                 self._window.annotate(
                     clip_indicator=out.clip_indicator,
@@ -479,6 +483,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction and s.loss_type != "vespo":
             weight = weight * inputs["importance_sampling_ratio"]
         normalizer = get_loss_type(s.loss_type).normalizer(mask.bool(), self._window_counts(inputs))
+        assert self._window is not None  # called only inside a traced step
         self._window.annotate(
             clip_indicator=indicator, intervention_weight=weight, normalizer=normalizer, advantage=adv
         )
@@ -512,9 +517,9 @@ class TracedGRPOTrainer(GRPOTrainer):
         old_entropy = inputs.get(OLD_ENTROPY_KEY)
         training = self.model.training
         counts = self._window_counts(inputs)
-        agg = get_loss_type(self._el_settings.loss_type).agg(
-            mask.bool(), counts if training else _no_accum(counts)
-        )
+        agg_of = get_loss_type(self._el_settings.loss_type).agg
+        assert agg_of is not None and self._el_cfg is not None  # checked when the trainer was built
+        agg = agg_of(mask.bool(), counts if training else _no_accum(counts))
         cfg = self._el_cfg.replace(loss_agg=agg.mode)
         if agg.max_len is not None:
             cfg = cfg.replace(max_new_tokens=agg.max_len)

@@ -134,7 +134,7 @@ class VerlTraceRun:
         else:
             module = worker.engine.module
             device = next(module.parameters()).device  # the batch may still be on the host
-            inputs = {k: v.to(device) for k, v in tracer_inputs(data, pad_token_id).items()}
+            inputs: dict[str, Any] = {k: v.to(device) for k, v in tracer_inputs(data, pad_token_id).items()}
             position_ids = inputs.pop("position_ids", None)
             tracer = self._tracer_for(module)
             fwd = {} if position_ids is None else {"position_ids": position_ids}
@@ -142,13 +142,14 @@ class VerlTraceRun:
                 output = worker.train_batch(data)
             self.run.traces_dir.mkdir(exist_ok=True)
             st.save(self.run.trace_path(step))
-        row = {"step": step, "traced": traced}
+        row: dict[str, Any] = {"step": step, "traced": traced}
         metrics = output.get("metrics", None) if output is not None else None
         if metrics is not None:
             metrics = metrics.data if hasattr(metrics, "data") else metrics
             row.update({k: float(v) for k, v in dict(metrics).items() if isinstance(v, int | float)})
         if traced:
             rec = st.records
+            assert rec is not None  # the traced block has finished
             row.update(
                 {
                     "entropy/before": float(rec.entropy_before.mean()),

@@ -225,7 +225,7 @@ class _VerifyWorker:
     def close(self) -> None:
         """End the child (at interpreter exit): closing its stdin ends its read loop."""
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self._proc is not None and self._proc.poll() is None and self._proc.stdin is not None:
                 self._proc.stdin.close()
                 try:
                     self._proc.wait(timeout=5)
