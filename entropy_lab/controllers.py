@@ -276,14 +276,15 @@ class EntropyTarget(Controller):
             p: (torch.zeros_like(p) if g is None else g.to(p.dtype))
             for p, g in zip(params, g_plus, strict=True)
         }
-        minus = {p: p.grad - plus[p] for p in params}
+        minus = {p: (torch.zeros_like(p) if p.grad is None else p.grad) - plus[p] for p in params}
         c0, (c_plus, c_minus) = update_parts(ctx.optimizer, [plus, minus])
         h0, hp, hm = (predicted_mean_change(ctx, u) for u in (c0, c_plus, c_minus))
         dh_star = cfg.entropy_target_kappa * (cfg.entropy_target - h)
-        gram = tuple(
-            float(sum((a[p].double() * b[p].double()).sum() for p in params))
-            for a, b in ((plus, plus), (plus, minus), (minus, minus))
-        )
+
+        def dot(a: dict, b: dict) -> float:
+            return float(sum((a[p].double() * b[p].double()).sum() for p in params))
+
+        gram = (dot(plus, plus), dot(plus, minus), dot(minus, minus))
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         a_plus, a_minus = choose_scales(
             h0,

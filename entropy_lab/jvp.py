@@ -88,7 +88,7 @@ def tangent_parameters(model: nn.Module, update: Update) -> Iterator[None]:
                         duals[id(p)] = fwAD.make_dual(p.detach(), t.to(p.dtype))
                     swapped.append((module, name, p))
                     # Plain dict slot: nn.Module.__getattr__ returns it, no Parameter wrapper needed.
-                    module._parameters[name] = duals[id(p)]
+                    module._parameters[name] = duals[id(p)]  # type: ignore[assignment]
             yield
         except NotImplementedError as exc:
             if "forward AD" in str(exc):

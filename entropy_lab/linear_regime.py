@@ -67,7 +67,7 @@ def shifted_parameters(model: nn.Module, update: Update, eta: float) -> Iterator
                     if id(p) not in shifted:  # tied parameters share one shifted tensor
                         shifted[id(p)] = p.detach() + eta * update[p].to(p.dtype)
                     swapped.append((module, name, p))
-                    module._parameters[name] = shifted[id(p)]
+                    module._parameters[name] = shifted[id(p)]  # type: ignore[assignment]  # a plain tensor in the slot
             yield
     finally:
         for module, name, p in reversed(swapped):

@@ -197,12 +197,11 @@ class StepContext:
         self.tracer._open = self.traced
         return self.traced
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:  # never swallows the exception
         self.tracer._open = None
         self.traced._detach()
         if exc_type is None:
             self.traced._finish()
-        return False
 
 
 class TraceStep:

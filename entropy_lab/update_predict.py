@@ -30,6 +30,7 @@ only: a subclass may change ``step()``, so it is refused rather than guessed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ from entropy_lab.errors import EntropyLabError
 Update = dict[torch.nn.Parameter, torch.Tensor]
 """Parameter -> its predicted change dtheta (same shape and dtype); parameters that will not move are absent."""
 
-UpdatePredictor = Callable[[torch.optim.Optimizer], Update]
+UpdatePredictor = Callable[[Any], Update]  # fn(an optimizer of the type it is registered for)
 UPDATE_PREDICTORS: dict[type, UpdatePredictor] = {}
 
 

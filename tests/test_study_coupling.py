@@ -20,7 +20,6 @@ from entropy_lab.studies.coupling import (
     run_coupling_study,
     study_table,
     token_sets,
-    tracer_supports_jvp,
     wide_table,
 )
 
@@ -123,10 +122,10 @@ def test_study_table_and_figure(tiny_policy_dir, dense_reward):
     assert one["pearson"].item() == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert one["gain"].item() == pytest.approx(np.dot(x, y) / np.dot(x, x))
     assert table["coupling_share"].notna().all()
-    if tracer_supports_jvp():  # the network's own first order joins the table and the four-way split
-        assert {"jvp", "jvp-entropy"} <= set(table["estimator"]) and set(table["split"]) == {"jvp"}
-        sgd = table[(table.optimizer == "sgd") & (table.estimator == "jvp-entropy")]
-        assert (sgd["pearson"] > 0.99).all()  # tiny lr: the linearised logits carry the change
+    # the network's own first order joins the table and the four-way split
+    assert {"jvp", "jvp-entropy"} <= set(table["estimator"]) and set(table["split"]) == {"jvp"}
+    sgd = table[(table.optimizer == "sgd") & (table.estimator == "jvp-entropy")]
+    assert (sgd["pearson"] > 0.99).all()  # tiny lr: the linearised logits carry the change
     wide = wide_table(table)
     assert len(wide) == 6 and {"r logit-grad", "rho paper", "g paper", "coupling_share_calibrated"} <= set(
         wide.columns

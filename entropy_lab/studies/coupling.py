@@ -26,13 +26,12 @@ Deliberate simplifications:
 - Gradient clipping is off and weight decay is 0: the step is the optimizer's own.
 - The updates run in float64 by default (the rollout is sampled in float32), so that
   round-off does not masquerade as a loss of tightness at small learning rates.
-- The network's own first order (``omega_jvp`` and its entropy form) is included when the
-  installed ``EntropyTracer`` accepts ``jvp=True``; otherwise the closed forms only.
+- The network's own first order (``omega_jvp`` and its entropy form) is included unless
+  ``jvp=False``.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,11 +116,6 @@ class StudyBatch:
     old_logprob: torch.Tensor  # (B, T) log pi(token) under the starting parameters
     rows: torch.Tensor  # (n,) batch row of each candidate token (nonzero advantage)
     positions: torch.Tensor  # (n,) its position
-
-
-def tracer_supports_jvp() -> bool:
-    """Whether ``EntropyTracer`` takes the opt-in ``jvp`` option."""
-    return "jvp" in inspect.signature(EntropyTracer).parameters
 
 
 def load_policy_and_task(cfg: CouplingStudyConfig):
@@ -247,8 +241,8 @@ def run_coupling_study(cfg: CouplingStudyConfig, callback: Callback | None = Non
     batch = draw_batch(model, tokenizer, task, cfg, device)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sets = token_sets(len(batch.rows), cfg.tokens_per_update, cfg.min_tokens, cfg.seed)
-    jvp = cfg.jvp and tracer_supports_jvp()
-    tracer = EntropyTracer(model, **({"jvp": True} if jvp else {}))
+    jvp = cfg.jvp
+    tracer = EntropyTracer(model, jvp=jvp)
     total = sum(len(v) for v in sets.values()) * sum(len(v) for v in cfg.lrs.values())
     callback(
         "start",
