@@ -1,7 +1,7 @@
 """entropy_lab.analyses: pure functions from trace records and run metrics to tables.
 
 DataFrames in, DataFrames out; no I/O and no plotting. Trace records follow the column
-contract of DESIGN.md section 2. When records of several runs are concatenated with a
+contract of docs/theory.md section 10. When records of several runs are concatenated with a
 ``method`` and/or ``run`` column, every record analysis treats each run separately
 (those columns lead the output) so that runs are never pooled by accident.
 

@@ -1,4 +1,4 @@
-"""Quadrant table: sign(A) x sign(l_a), with l_a = log pi_a + H (DESIGN.md section 1).
+"""Quadrant table: sign(A) x sign(l_a), with l_a = log pi_a + H (docs/theory.md sections 1-3).
 
 First-order theory: entropy falls for (A>0, l_a>0) and (A<0, l_a<0) - a likely token
 reinforced or an unlikely one penalised - and rises for the other two quadrants.

@@ -2,7 +2,7 @@
 
 Input: trace records. For one estimator, the residual of each token is
 dH - g * omega (calibrated, g the pooled least-squares gain of the run) or dH - omega
-(raw). The residuals are binned by quantiles of each factor (DESIGN.md section 1):
+(raw). The residuals are binned by quantiles of each factor (docs/theory.md sections 1-3):
 weight ``weight``, probability ``prob``, surprisal ``surprisal``, entropy
 ``entropy_before``. ``factor_variance_share`` reports, per factor, the share of the
 residual variance its bins explain (the correlation ratio eta^2).

@@ -1,6 +1,6 @@
 """Tightness: how well each first-order estimator predicts the measured entropy change.
 
-Input: trace records (DESIGN.md section 2), one row per traced response token, with the
+Input: trace records (docs/theory.md section 10), one row per traced response token, with the
 measured ``delta_entropy`` and one ``omega_<name>`` column per estimator. Output: one
 row per estimator and group of tokens with correlation, sign agreement, a calibrated
 gain and the aggregate check sum(dH) vs g * sum(omega).

@@ -11,7 +11,7 @@ in CPU time of the process and in wall-clock time (``timing.py``); the target is
 
 (a) untraced: forward + token-mean policy-gradient loss + backward + ``optimizer.step()``;
 (b) floor:    (a) + one no-grad forward over the batch, the physical floor of exact tracing
-              (DESIGN.md section 2: the post-update statistics need one more forward);
+              (docs/theory.md section 10: the post-update statistics need one more forward);
 (c) traced:   (a) inside ``EntropyTracer(model).step(...)``, records built.
 
 The default model (hidden 512, 4 layers, vocabulary 8192, ~21M parameters) has about the

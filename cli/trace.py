@@ -90,6 +90,14 @@ def trace(
             "estimator's Pearson and gain, the curvature and coupling shares, and linear_regime.png.",
         ),
     ] = False,
+    jvp: Annotated[
+        bool,
+        typer.Option(
+            "--jvp",
+            help="Trace from the checkpoint with the jvp and jvp-entropy estimators too (one forward-mode "
+            "pass, a few forwards' cost).",
+        ),
+    ] = False,
 ) -> None:
     """Trace one update from a checkpoint and table that update, or analyse a run's existing traces."""
     from entropy_lab.report import report_json, run_report
@@ -106,7 +114,7 @@ def trace(
         raise EntropyLabError(
             f"--run names checkpoint step {ckpt_step} but --step says {step}; give the step once"
         )
-    if ckpt_step is None and step is None and method is None and rd.trace_files():
+    if ckpt_step is None and step is None and method is None and not jvp and rd.trace_files():
         result = run_report(rd)  # analyse what training traced
         n = len(rd.trace_files())
         if output == "json":
@@ -129,7 +137,7 @@ def trace(
     quiet_transformers()
     if output == "table":
         console.print(f"tracing one update of {rd.path} from its checkpoint ...")
-    done = trace_checkpoint(rd, step if step is not None else ckpt_step, method)
+    done = trace_checkpoint(rd, step if step is not None else ckpt_step, method, jvp=jvp)
     records, _ = load_records(done.trace_path)
     records.insert(0, "run", done.run.path.name)
     records.insert(0, "method", done.method)

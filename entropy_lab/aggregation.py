@@ -4,7 +4,7 @@ Every mode is a per-token normaliser N, and the aggregate is sum over valid toke
 loss_t / N_t. Writing the modes this way makes gradient accumulation exact: when the
 caller passes the *whole mini-batch's* token and sequence counts (``num_tokens``,
 ``num_seqs``), the micro-batch aggregates sum to the mini-batch aggregate, and the
-normaliser per token is what the trace records as N (DESIGN.md section 1).
+normaliser per token is what the trace records as N (docs/theory.md sections 1-3).
 
 | mode | N per token | naive equivalent on one batch |
 | --- | --- | --- |

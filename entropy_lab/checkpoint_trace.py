@@ -44,7 +44,11 @@ def method_fields() -> set[str]:
 
 
 def trace_checkpoint(
-    run: RunDir, step: int | None = None, method: str | None = None, callback: Callback | None = None
+    run: RunDir,
+    step: int | None = None,
+    method: str | None = None,
+    callback: Callback | None = None,
+    jvp: bool = False,
 ) -> CheckpointTrace:
     """One traced update from the checkpoint at ``step`` (default: the latest); see the module docstring."""
     from entropy_lab.methods import resolve_config
@@ -60,7 +64,10 @@ def trace_checkpoint(
     if method != base.method:  # a new preset over the run's non-method settings
         defaults = TrainConfig().to_dict()
         base = base.replace(**{k: defaults[k] for k in method_fields()})
-    cfg = resolve_config(method, {"model": str(ckpt / "model"), "trace_every": 1}, base=base)
+    overrides: dict = {"model": str(ckpt / "model"), "trace_every": 1}
+    if jvp:  # the opt-in estimators of the network's own first order
+        overrides["trace_jvp"] = True
+    cfg = resolve_config(method, overrides, base=base)
     target = run
     if method != run.train_config().method or run.trace_path(step + 1).exists():
         target = RunDir(run.path / f"retrace-{method}-step_{step:06d}")

@@ -1,4 +1,4 @@
-"""The methods catalogue (DESIGN.md section 3): each method is a preset over ``TrainConfig``.
+"""The methods catalogue (README, Methods): each method is a preset over ``TrainConfig``.
 
 ``resolve_config(method, overrides, base)`` applies the preset to ``base`` (default:
 ``TrainConfig()``), then the user's overrides, sets ``cfg.method`` and validates the

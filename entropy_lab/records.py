@@ -1,4 +1,4 @@
-"""The trace record: one row per traced response token (DESIGN.md section 2).
+"""The trace record: one row per traced response token (docs/theory.md section 10).
 
 Column names are a public contract. A trace file is Parquet, one per traced update
 (or per step), with the run configuration as JSON in the file's schema metadata.

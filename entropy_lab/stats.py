@@ -2,7 +2,7 @@
 
 ``token_stats`` computes, for every position and in one pass over the vocabulary,
 the entropy H, the log-probability of a target token and the collision term
-C = sum_k pi_k^2 (log pi_k + H) (DESIGN.md section 1). Positions are processed in
+C = sum_k pi_k^2 (log pi_k + H) (docs/theory.md sections 1-3). Positions are processed in
 chunks so the extra memory is bounded by chunk x V in fp32, never a second full
 (B, T, V) fp32 copy.
 

@@ -1,4 +1,4 @@
-"""First-order predictions of the per-token entropy change (DESIGN.md section 1).
+"""First-order predictions of the per-token entropy change (docs/theory.md sections 1-3).
 
 Every estimator maps the per-token quantities of one update to omega, a prediction
 of H_after - H_before at that token (positive = entropy rises). All share the model

@@ -10,7 +10,7 @@ policy) and any ``torch.optim`` optimizer::
         loss = my_objective(logits, ...)
         loss.backward()
         optimizer.step()
-    df = step.records        # one row per traced response token, DESIGN.md section 2
+    df = step.records        # one row per traced response token, docs/theory.md section 10
 
 How it measures, and what it costs:
 

@@ -5,7 +5,7 @@
 A tiny causal LM (random init, nothing downloaded) samples 4 responses to each of 4 prompts, a toy
 reward scores them, and one PPO-clip step runs inside ``tracer.step(...)``. The tracer measures
 every response token's exact entropy change and the five first-order predictions of it; the table
-compares them (DESIGN.md section 1). Runs in a few seconds on a CPU.
+compares them (docs/theory.md sections 1-3). Runs in a few seconds on a CPU.
 """
 
 import sys
@@ -78,7 +78,7 @@ print(f"traced {len(df)} tokens, mean dH {df.delta_entropy.mean():+.2e}; records
 # --- tightness: how well does each estimator predict the measured change? -----------------
 # In a network under Adam the raw scale is off (gain != 1) and the correlation is diluted by
 # parameter sharing; the last row, the first-order change along the *actual* logit change,
-# shows how much of dH is first order at all (DESIGN.md section 1, decomposition).
+# shows how much of dH is first order at all (docs/theory.md section 4).
 dH = df.delta_entropy.to_numpy()
 above = np.abs(dH) > NOISE_FLOOR
 print(f"sign agreement over the {above.sum()} tokens with |dH| > {NOISE_FLOOR:g} nats")

@@ -53,7 +53,7 @@ def test_modes_match_naive(mode, seed):
     loss, normalizer = agg_loss(per_token, mask, mode, max_len=10)
     assert loss.item() == pytest.approx(naive(per_token.tolist(), mask.tolist(), mode, 10), rel=1e-12)
     assert normalizer.shape == per_token.shape
-    # the normaliser is the N of DESIGN.md: loss = sum over valid tokens of loss_t / N_t
+    # the normaliser is the N of docs/theory.md: loss = sum over valid tokens of loss_t / N_t
     manual = sum(per_token[i, t].item() / normalizer[i, t].item() for i, t in (mask > 0).nonzero().tolist())
     assert loss.item() == pytest.approx(manual, rel=1e-12)
 

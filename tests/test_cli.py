@@ -276,3 +276,19 @@ def test_learnability_warnings_name_the_cause():
         outcome_warning([*flat, {"advantage/zero_frac": 0.5, "reward/mean": 0.5, "reward/std": 0.5}]) is None
     )
     assert outcome_warning([]) is None
+
+
+def test_trace_from_a_checkpoint_with_jvp_records_the_jvp_estimators(trained_run, tmp_path, dense_reward):
+    from entropy_lab.records import load_records
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "traces" / "step_000003.parquet").unlink(missing_ok=True)  # another test traced it
+    js = invoke("trace", "--run", run, "--jvp", "--format", "json")  # latest checkpoint, not the old traces
+    assert js.exit_code == 0, js.output
+    data = json.loads(js.output[js.output.index("{") :])
+    assert data["scope"] == "update" and data["traced_step"] == 3
+    records, _ = load_records(data["trace"])
+    assert {"omega_jvp", "omega_jvp_entropy"} <= set(records.columns)
+    assert records["omega_jvp_entropy"].notna().all()
+    assert {row["estimator"] for row in data["tightness"]} >= {"jvp", "jvp-entropy"}

@@ -102,7 +102,7 @@ def test_properties(V, n, scale, seed):
     assert (s.logprob <= 1e-12).all()
     p = logits.softmax(-1)
     l = p.log() + s.entropy[:, None]
-    # identities of DESIGN.md: sum_k pi_k l_k = 0, and C = sum_k pi_k^2 l_k = Cov_pi(log pi, pi)
+    # identities of docs/theory.md section 1: sum_k pi_k l_k = 0, and C = sum_k pi_k^2 l_k = Cov_pi(log pi, pi)
     assert torch.allclose((p * l).sum(-1), torch.zeros(n, dtype=torch.float64), atol=1e-9)
     cov = (p * p.log() * p).sum(-1) - (p * p.log()).sum(-1) * (p * p).sum(-1)
     torch.testing.assert_close(s.collision, cov, atol=1e-9, rtol=1e-7)
@@ -176,7 +176,7 @@ def test_unchanged_warning_fires_with_a_masked_vocabulary():
 
 
 def naive_direction_dot(logits, direction):
-    """sum_k p_k (log p_k + H) d_k in float64, 0 where p_k = 0 (DESIGN's -dH/dz . d)."""
+    """sum_k p_k (log p_k + H) d_k in float64, 0 where p_k = 0 (docs/theory.md: -dH/dz . d)."""
     logp = logits.double().log_softmax(-1)
     p = logp.exp()
     H = -torch.where(p > 0, p * logp, torch.zeros((), dtype=torch.float64)).sum(-1, keepdim=True)

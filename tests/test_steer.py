@@ -1,6 +1,6 @@
 """STEER weights against an independent, plain re-derivation: a Python loop over tokens.
 
-The reference below is written from the STEER release code's recipe (DESIGN.md section 3),
+The reference below is written from the STEER release code's recipe (README, Methods),
 not from entropy_lab.steer: per token m = |A / pi_old * pi (1 - pi) (log pi + H)| with the
 clamps, non-finite -> 0, then the exp or linear map over the valid (or candidate) tokens.
 """
