@@ -405,6 +405,10 @@ class TracedGRPOTrainer(GRPOTrainer):
     # --- the loss --------------------------------------------------------------------------------
     def _window_counts(self, inputs) -> Window:
         items = inputs.get("num_items_in_batch")
+        if self.max_completion_length is None:  # dr_grpo's normaliser needs it
+            raise EntropyLabError(
+                "TRL's max_completion_length is unset; set GRPOConfig(max_completion_length=N)"
+            )
         return Window(
             ga=int(self.current_gradient_accumulation_steps),
             world=int(self.accelerator.num_processes),
