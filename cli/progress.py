@@ -14,28 +14,26 @@ from rich.progress import (
 from entropy_lab.cli.common import console, err_console
 
 
-class TrainProgress:
-    """Trainer callback drawing one bar for the warm start and one for RL steps."""
+def progress_bar(field: str, quiet: bool = False) -> Progress:
+    """The project's bar layout: description, bar, n/total, one status field ``field``, elapsed, eta."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(f"{{task.fields[{field}]}}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    )
 
-    def __init__(self, label: str, quiet: bool = False):
-        self.label = label
-        self.quiet = quiet
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-            transient=False,
-        )
-        self.warm = None
-        self.train = None
-        self.first: dict | None = None
-        self.last: dict | None = None
+
+class ProgressCallback:
+    """A callback that owns a rich ``Progress``; used as a context manager around the work."""
+
+    progress: Progress
 
     def __enter__(self):
         self.progress.__enter__()
@@ -43,6 +41,19 @@ class TrainProgress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+class TrainProgress(ProgressCallback):
+    """Trainer callback drawing one bar for the warm start and one for RL steps."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        self.label = label
+        self.quiet = quiet
+        self.progress = progress_bar("stats", quiet)
+        self.warm = None
+        self.train = None
+        self.first: dict | None = None
+        self.last: dict | None = None
 
     def __call__(self, event: str, info: dict) -> None:
         p = self.progress

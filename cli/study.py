@@ -7,16 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from entropy_lab.cli.common import console, friendly_errors, print_table, quiet_transformers
+from entropy_lab.cli.progress import ProgressCallback, progress_bar
 from entropy_lab.errors import EntropyLabError
 
 study_app = typer.Typer(
@@ -34,33 +27,16 @@ def parse_list(text: str, what: str, cast=float) -> tuple:
         raise EntropyLabError(f"{what} expects a comma-separated list of numbers, got {text!r}") from None
 
 
-class StudyProgress:
+class StudyProgress(ProgressCallback):
     """Study callback drawing one bar over all traced updates."""
 
     def __init__(self, quiet: bool = False):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[setting]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        )
+        self.progress = progress_bar("setting", quiet)
         self.task = None
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
 
     def __call__(self, event: str, info: dict) -> None:
         if event == "start":
-            jvp = "with" if info["jvp"] else "without (the tracer has no jvp option)"
+            jvp = "with" if info["jvp"] else "without"
             console.print(
                 f"{info['sequences']} sequences, {info['candidates']} tokens with nonzero advantage; "
                 f"network first order (jvp): {jvp}"
