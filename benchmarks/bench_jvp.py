@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 import transformers
+from timing import interleaved, medians, print_table
 
 from entropy_lab.jvp import jvp_estimates, jvp_logits
 from entropy_lab.stats import gather_logprobs
@@ -93,20 +92,12 @@ def main(argv=None) -> int:
         z, dz = jvp_logits(model, update, input_ids=ids, logits_to_keep=keep)  # (B, K, V) each
         return jvp_estimates(z.flatten(0, 1), dz.flatten(0, 1))
 
-    variants = {"forward": forward, "jvp": jvp}
-    for fn in variants.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(args.repeats):
-        names = list(variants)
-        names = names[r % len(names) :] + names[: r % len(names)]  # rotate the order
-        for name in names:
-            sync()
-            t0 = time.perf_counter()
-            variants[name]()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    def synced(fn):  # on CUDA the clock must wait for the kernels; the previous call synced before
+        return lambda: (fn(), sync())
+
+    sync()
+    times = interleaved({"forward": synced(forward), "jvp": synced(jvp)}, args.repeats)
+    med = medians(times)["wall"]  # wall clock decides: on a GPU the CPU time is only the launch cost
     ratio = med["jvp"] / med["forward"]
     ok = ratio <= TARGET
     n_params = sum(p.numel() for p in model.parameters())
@@ -115,9 +106,7 @@ def main(argv=None) -> int:
         f"attn {args.attn}; batch {args.batch} x {args.seq_len}, {args.response_len} traced positions per row; "
         f"{args.device}, {args.threads} thread(s)"
     )
-    print(f"{'variant':<10} {'median s':>10}")
-    for k, v in med.items():
-        print(f"{k:<10} {v:>10.4f}")
+    print_table(times)
     print(f"jvp / forward = {ratio:.2f}  (target <= {TARGET})  {'PASS' if ok else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
