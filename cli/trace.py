@@ -12,8 +12,6 @@ from entropy_lab.cli.common import console, friendly_errors, print_table, quiet_
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir
 
-TIGHTNESS_COLUMNS = ["estimator", "n", "pearson", "spearman", "sign_agreement", "gain", "r2"]
-
 
 def _step_of(name: str) -> int | None:
     """'step_000150' or 'step_150' -> 150; anything else -> None."""
@@ -44,32 +42,14 @@ def locate(path: Path) -> tuple[RunDir, int | None]:
 
 
 def print_trace_tables(tables: dict, label: str) -> None:
-    print_table(
-        tables.get("tightness"), f"{label}: tightness per estimator (token-level, pooled)", TIGHTNESS_COLUMNS
-    )
-    print_table(
-        tables.get("factor_share"),
-        f"{label}: share of residual variance explained by each factor",
-        ["factor", "n", "bins", "share"],
-    )
-    print_table(
-        tables.get("quadrants"),
-        f"{label}: quadrants sign(A) x sign(log pi_a + H)",
-        [
-            "quadrant",
-            "theory",
-            "count",
-            "mean_predicted",
-            "mean_measured",
-            "sign_agreement",
-            "softmax_disagreement",
-        ],
-    )
-    print_table(
-        tables.get("decomposition"),
-        f"{label}: decomposition of the measured change",
-        ["part", "split", "sum", "share", "sum_calibrated", "share_calibrated", "gain"],
-    )
+    """Every registered report entry that has a terminal view, in report order."""
+    from entropy_lab.report_entries import REPORT_ENTRIES
+
+    for entry in REPORT_ENTRIES.values():
+        if entry.terminal is not None:
+            print_table(
+                tables.get(entry.name), f"{label}: {entry.terminal.title}", list(entry.terminal.columns)
+            )
 
 
 @friendly_errors

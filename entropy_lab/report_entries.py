@@ -87,13 +87,22 @@ class Section:
 
 
 @dataclass(frozen=True)
+class TerminalView:
+    """How ``entropy-lab trace`` prints an entry's table: a title after the run label, narrower columns."""
+
+    title: str
+    columns: Sequence[str]
+
+
+@dataclass(frozen=True)
 class ReportEntry:
-    """One analysis of trace records in the reports: table, figure and section, each optional."""
+    """One analysis of trace records in the reports: table, figure, section and terminal view, each optional."""
 
     name: str
     table: TableFn | None = None
     figure: FigureSpec | None = None
     section: Section | None = None
+    terminal: TerminalView | None = None
 
 
 REPORT_ENTRIES: Registry[ReportEntry] = Registry("report entry")
@@ -177,6 +186,10 @@ register_report_entry(
             ],
             figures=("measured_vs_predicted", "tightness_over_steps"),
         ),
+        terminal=TerminalView(
+            "tightness per estimator (token-level, pooled)",
+            ["estimator", "n", "pearson", "spearman", "sign_agreement", "gain", "r2"],
+        ),
     )
 )
 register_report_entry(
@@ -211,6 +224,10 @@ register_report_entry(
             columns=["factor", "column", "n", "bins", "share"],
             figures=("residuals_by_factor",),
         ),
+        terminal=TerminalView(
+            "share of residual variance explained by each factor",
+            ["factor", "n", "bins", "share"],
+        ),
     )
 )
 register_report_entry(
@@ -239,6 +256,18 @@ register_report_entry(
             ],
             figures=("quadrants",),
         ),
+        terminal=TerminalView(
+            "quadrants sign(A) x sign(log pi_a + H)",
+            [
+                "quadrant",
+                "theory",
+                "count",
+                "mean_predicted",
+                "mean_measured",
+                "sign_agreement",
+                "softmax_disagreement",
+            ],
+        ),
     )
 )
 register_report_entry(
@@ -255,6 +284,10 @@ register_report_entry(
             _decomposition_text,
             columns=["part", "split", "n", "sum", "share", "sum_calibrated", "share_calibrated", "gain"],
             figures=("decomposition", "entropy_change_distribution", "steer_weights"),
+        ),
+        terminal=TerminalView(
+            "decomposition of the measured change",
+            ["part", "split", "sum", "share", "sum_calibrated", "share_calibrated", "gain"],
         ),
     )
 )
