@@ -178,7 +178,7 @@ def sweep_checkpoint(run, step: int | None = None, etas: Sequence[float] = DEFAU
     from entropy_lab.methods import resolve_config
     from entropy_lab.records import load_records
     from entropy_lab.runs import RunDir
-    from entropy_lab.trainer import Trainer
+    from entropy_lab.trainer.loop import Trainer
 
     ckpts = run.checkpoints()
     if not ckpts:

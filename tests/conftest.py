@@ -16,6 +16,7 @@ stay importable only for the child processes of ``test_resume``, which get no fi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ from entropy_lab.models import TinyPolicySpec, build_tiny_policy
 from entropy_lab.tasks import get_task
 from entropy_lab.tasks.arithmetic import ArithmeticTask
 from entropy_lab.tokenizer import build_char_tokenizer
+
+# tests/helpers holds modules that tests and their child processes import by name.
+HELPERS = Path(__file__).resolve().parent / "helpers"
+sys.path.insert(0, str(HELPERS))
 
 # --- plain helpers (child processes import these) ---------------------------------------------
 

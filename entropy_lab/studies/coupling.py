@@ -48,7 +48,7 @@ from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import LossInputs, compute_loss
 from entropy_lab.optim import OPTIMIZERS, build_optimizer
 from entropy_lab.stats import gather_logprobs
-from entropy_lab.trace import EntropyTracer
+from entropy_lab.trace.tracer import EntropyTracer
 
 Callback = Callable[[str, dict], None]
 SETTING_COLUMNS = ["optimizer", "lr", "tokens_per_update"]
@@ -233,7 +233,7 @@ def run_coupling_study(cfg: CouplingStudyConfig, callback: Callback | None = Non
     columns when traced) with the setting in front: ``optimizer``, ``lr``,
     ``tokens_per_update``; ``update`` numbers the updates of a setting.
     """
-    from entropy_lab.trainer import pick_device
+    from entropy_lab.trainer.loop import pick_device
 
     callback = callback or (lambda event, info: None)
     device = pick_device(cfg.device)

@@ -1,0 +1,104 @@
+"""`entropy-lab compare METHOD [METHOD ...]`: train each method from the same start and compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from entropy_lab.cli.common import SetOption, console, friendly_errors, print_table
+from entropy_lab.cli.train import build_config, run_training
+from entropy_lab.config import parse_overrides
+from entropy_lab.errors import EntropyLabError
+from entropy_lab.runs import RunDir
+
+COMPARE_COLUMNS = [
+    "method",
+    "n_seeds",
+    "initial_entropy",
+    "final_entropy",
+    "final_entropy_ci",
+    "initial_reward",
+    "final_reward",
+    "final_reward_ci",
+    "best_accuracy",
+    "final_accuracy",
+    "final_pass@1",
+    "mean_abs_entropy_step",
+]
+
+
+def ensure_run(cfg, out: Path, quiet: bool) -> RunDir:
+    """Reuse a finished run with the same configuration, resume an unfinished one, else train."""
+    rd = RunDir(out)
+    if rd.config_path.is_file():
+        saved = rd.train_config()
+        if saved.to_dict() != cfg.to_dict():
+            diff = sorted(k for k, v in cfg.to_dict().items() if saved.to_dict().get(k) != v)
+            raise EntropyLabError(
+                f"{out} holds a run with another configuration ({', '.join(diff)}); "
+                "choose another --out or delete it"
+            )
+        done = rd.latest_checkpoint()
+        if done is not None and done[0] == cfg.steps:
+            console.print(f"reusing {out} (same configuration, finished)")
+            return rd
+        if done is not None:
+            run_training(cfg, out, resume=True, quiet=quiet)
+            return rd
+    run_training(cfg, out, overwrite=rd.config_path.is_file(), quiet=quiet)
+    return rd
+
+
+def seed_configs(method: str, seeds: int, task, dataset, model, steps, sets: list[str] | None) -> list:
+    """K configs of ``method`` with distinct seeds S, S+1, ..., S+K-1 (S from ``--set seed=S``, else 0)."""
+    first = parse_overrides(sets or []).get("seed", 0)
+    rest = [p for p in (sets or []) if p.split("=", 1)[0].strip() != "seed"]
+    return [build_config(method, task, dataset, model, steps, first + i, rest) for i in range(seeds)]
+
+
+@friendly_errors
+def compare(
+    methods: Annotated[list[str], typer.Argument(help="Method presets to compare, e.g. grpo steer.")],
+    seeds: Annotated[
+        int, typer.Option(help="Seeds per method: S, S+1, ..., S+K-1 with S from --set seed=S (default 0).")
+    ] = 1,
+    steps: Annotated[int | None, typer.Option(help="RL steps per run.")] = None,
+    task: Annotated[str | None, typer.Option(help="Built-in task.")] = None,
+    dataset: Annotated[Path | None, typer.Option(help="verl-format Parquet file (needs --model).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Local Hugging Face causal LM directory.")] = None,
+    sets: SetOption = None,
+    out: Annotated[Path, typer.Option(help="Directory for the runs and the comparison report.")] = Path(
+        "runs/compare"
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train each method from the same warm start, seeds and budget; print and write the comparison."""
+    from entropy_lab.report.compose import compare_report, run_report
+
+    if seeds < 1:
+        raise EntropyLabError(f"--seeds must be at least 1, got {seeds}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise EntropyLabError(f"method(s) {', '.join(repeated)} named more than once; name each method once")
+    configs = {m: seed_configs(m, seeds, task, dataset, model, steps, sets) for m in methods}
+    runs: dict[str, list[RunDir]] = {}
+    for m, cfgs in configs.items():
+        runs[m] = [ensure_run(cfg, out / f"{m}-s{cfg.seed}", quiet) for cfg in cfgs]
+        for rd in runs[m]:
+            run_report(rd)
+    result = compare_report(runs, out)
+    table = result["table"]
+    widest_k = [
+        c for c in table.columns if c.startswith("final_pass@") and c[11:].isdigit() and c != "final_pass@1"
+    ][-1:]
+    print_table(
+        table, "comparison (batch-level; final = mean of the last 10% of steps)", COMPARE_COLUMNS + widest_k
+    )
+    print_table(
+        result.get("tightness"),
+        "tightness per method and estimator (token-level, pooled)",
+        ["method", "estimator", "n", "pearson", "spearman", "sign_agreement", "gain", "r2"],
+    )
+    console.print(f"report: {result['report']}")

@@ -1,0 +1,80 @@
+"""Trace one update from a saved checkpoint: step N+1 of a run, on the batch the run would have drawn.
+
+``trace_checkpoint`` restores the weights, optimizer, scheduler and RNG states of the
+checkpoint at step N (loaded safely: see ``entropy_lab.checkpoints``), runs step N+1 with
+tracing on, and returns where its records went. The checkpoint is never modified.
+
+With the run's own method the trace goes to ``run/traces/step_{N+1}.parquet`` when training
+did not trace that step; otherwise (another method, or the file exists) to the run directory
+``run/retrace-<method>-step_N``. Either way ``CheckpointTrace.trace_path`` is the one file
+holding exactly that update, so its tables can be told apart from the run's other traces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from entropy_lab.config import TrainConfig
+from entropy_lab.errors import EntropyLabError
+from entropy_lab.runs import RunDir
+from entropy_lab.trainer.loop import Callback, Trainer
+
+
+@dataclass
+class CheckpointTrace:
+    """What ``trace_checkpoint`` did."""
+
+    run: RunDir
+    """The run directory holding the new trace (the run itself or its ``retrace-*`` directory)."""
+    checkpoint: Path
+    """The checkpoint traced from."""
+    step: int
+    """The traced step (checkpoint step + 1)."""
+    trace_path: Path
+    """The trace file of that update alone."""
+    method: str
+
+
+def method_fields() -> set[str]:
+    """Config fields that some method preset sets: they belong to the method, not to the run."""
+    from entropy_lab.methods import METHODS
+
+    return {k for m in METHODS.values() for k in m.defaults}
+
+
+def trace_checkpoint(
+    run: RunDir,
+    step: int | None = None,
+    method: str | None = None,
+    callback: Callback | None = None,
+    jvp: bool = False,
+) -> CheckpointTrace:
+    """One traced update from the checkpoint at ``step`` (default: the latest); see the module docstring."""
+    from entropy_lab.methods import resolve_config
+
+    ckpts = run.checkpoints()
+    if not ckpts:
+        raise EntropyLabError(f"{run.path} has no checkpoints to trace from; train with checkpoint_every > 0")
+    if step is None:
+        step = list(ckpts)[-1]
+    ckpt = run.find_checkpoint(step)
+    base = run.train_config()
+    method = method or base.method
+    if method != base.method:  # a new preset over the run's non-method settings
+        defaults = TrainConfig().to_dict()
+        base = base.replace(**{k: defaults[k] for k in method_fields()})
+    overrides: dict = {"model": str(ckpt / "model"), "trace_every": 1}
+    if jvp:  # the opt-in estimators of the network's own first order
+        overrides["trace_jvp"] = True
+    cfg = resolve_config(method, overrides, base=base)
+    target = run
+    if method != run.train_config().method or run.trace_path(step + 1).exists():
+        target = RunDir(run.path / f"retrace-{method}-step_{step:06d}")
+    trainer = Trainer(cfg, target.path, callback=callback)
+    trainer.setup(create_run=False)
+    trainer.load_trainer_state(ckpt)  # verified and loaded with weights_only before anything is written
+    if target is not run:
+        target.create(cfg, overwrite=True, extra={"traced_from": str(ckpt)})
+    trainer.train_step(step + 1)
+    return CheckpointTrace(target, ckpt, step + 1, target.trace_path(step + 1), method)
