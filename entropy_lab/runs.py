@@ -24,6 +24,7 @@ import os
 import platform
 import shutil
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -33,17 +34,14 @@ from entropy_lab.errors import EntropyLabError, os_error_message
 
 
 def package_versions() -> dict[str, str]:
-    import numpy
-    import torch
-    import transformers
-
+    """Versions of the packages that decide a run's numbers, read from their metadata (no torch import)."""
     import entropy_lab
 
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
+        "torch": metadata.version("torch"),
+        "transformers": metadata.version("transformers"),
+        "numpy": metadata.version("numpy"),
         "pandas": pd.__version__,
         "entropy_lab": entropy_lab.__version__,
     }
