@@ -84,8 +84,8 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402  (after the version check, so a bad TRL gets one clear line)
 
 from entropy_lab.integrations.trl.losses import (  # noqa: E402
+    StepCounts,
     SurrogateSettings,
-    Window,
     get_loss_type,
 )
 from entropy_lab.integrations.trl.methods import TrlSettings, resolve_trl_method  # noqa: E402
@@ -403,13 +403,13 @@ class TracedGRPOTrainer(GRPOTrainer):
         return MagnitudeRange(count, m_min, m_max).to_context()
 
     # --- the loss --------------------------------------------------------------------------------
-    def _window_counts(self, inputs) -> Window:
+    def _window_counts(self, inputs) -> StepCounts:
         items = inputs.get("num_items_in_batch")
         if self.max_completion_length is None:  # dr_grpo's normaliser needs it
             raise EntropyLabError(
                 "TRL's max_completion_length is unset; set GRPOConfig(max_completion_length=N)"
             )
-        return Window(
+        return StepCounts(
             ga=int(self.current_gradient_accumulation_steps),
             world=int(self.accelerator.num_processes),
             steps_per_generation=int(self.args.steps_per_generation),
@@ -571,9 +571,9 @@ class TracedGRPOTrainer(GRPOTrainer):
             self._run.write_metrics(int(self.state.global_step), logs)
 
 
-def _no_accum(w: Window) -> Window:
+def _no_accum(w: StepCounts) -> StepCounts:
     """TRL's evaluation normalisers: no accumulation (and dapo's window rescaling off)."""
-    return Window(1, w.world, 1, w.max_completion_length, w.num_items_in_batch)
+    return StepCounts(1, w.world, 1, w.max_completion_length, w.num_items_in_batch)
 
 
 class _CloseWindow(TrainerCallback):
