@@ -83,7 +83,7 @@ def test_micro_rows_name_the_fields_of_one_micro_batch():
 
 def test_step_batch_pads_micro_batches_to_one_batch():
     tracer = _Tracer()
-    window = TracedStepBatch(_micro_batches(), step=4, update=1, tracer=tracer, pad_id=PAD)  # type: ignore[arg-type]
+    window = TracedStepBatch(_micro_batches(), step=4, update=1, tracer=tracer, pad_id=PAD)
     ((args, kwargs),) = tracer.calls
     ids, attn, resp = args
     assert ids.tolist() == [[1, 2, 5, 6, PAD], [3, 4, 7, 0, PAD], [8, 1, 2, 3, 4]]
@@ -114,7 +114,7 @@ def test_step_batch_pads_micro_batches_to_one_batch():
 
 def test_old_logprobs_on_some_micro_batches_only_is_one_clear_error():
     with pytest.raises(EntropyLabError, match="old log-probs for some micro-batches"):
-        TracedStepBatch(_micro_batches(old=False), step=1, update=0, tracer=_Tracer(), pad_id=PAD)  # type: ignore[arg-type]
+        TracedStepBatch(_micro_batches(old=False), step=1, update=0, tracer=_Tracer(), pad_id=PAD)
 
 
 @pytest.mark.parametrize(
