@@ -50,7 +50,7 @@ from entropy_lab.registry import Registry
 
 
 @dataclass(frozen=True)
-class Window:
+class StepCounts:
     """Counts of one optimizer step that TRL's normalisers use."""
 
     ga: int
@@ -75,8 +75,8 @@ class ProjectAgg:
     max_len: int | None = None
 
 
-NormalizerFn = Callable[[torch.Tensor, Window], torch.Tensor]
-AggFn = Callable[[torch.Tensor, Window], ProjectAgg]
+NormalizerFn = Callable[[torch.Tensor, StepCounts], torch.Tensor]
+AggFn = Callable[[torch.Tensor, StepCounts], ProjectAgg]
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,9 @@ class LossType:
     surrogate: str
     """ppo, cispo, sapo or vespo (the per-token terms of the table above)."""
     normalizer: NormalizerFn
-    """(mask (B, T) bool, window) -> N (B, T) of the loss the optimizer follows (all ranks)."""
+    """(mask (B, T) bool, counts) -> N (B, T) of the loss the optimizer follows (all ranks)."""
     agg: AggFn | None
-    """(mask, window) -> the project's aggregation on one rank; None when the project cannot map it."""
+    """(mask, counts) -> the project's aggregation on one rank; None when the project cannot map it."""
 
 
 LOSS_TYPES: Registry[LossType] = Registry("TRL loss_type")
@@ -97,7 +97,7 @@ def _full(mask: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full(mask.shape, float(value), dtype=torch.float64, device=mask.device)
 
 
-def _items(w: Window) -> float:
+def _items(w: StepCounts) -> float:
     if w.num_items_in_batch is None:
         raise EntropyLabError("this loss_type needs TRL's num_items_in_batch, which the batch does not carry")
     return max(float(w.num_items_in_batch), 1.0)

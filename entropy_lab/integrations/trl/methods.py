@@ -15,7 +15,7 @@ tensors:
 - inputs TRL's fused LM head does not give: the collision term sum_k pi_k^2 l_k (STEER with the
   ``softmax`` estimator, for instance).
 
-The aggregation itself always follows TRL's ``loss_type`` (``trl_losses``); the preset's
+The aggregation itself always follows TRL's ``loss_type`` (``losses``); the preset's
 ``loss_agg`` is replaced by it on every call.
 """
 
