@@ -23,6 +23,7 @@ import torch
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives.types import LossInputs, ObjectiveTerms
+from entropy_lab.stats import compute_dtype
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -38,10 +39,6 @@ class ClippedSurrogate:
     clipped_low: torch.Tensor  # bool
     clipped_dual: torch.Tensor  # bool
     saturated: torch.Tensor  # bool: |logp - old_logp| beyond the clamp
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 def clamped_ratio(logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +107,7 @@ def token_covariance(logprob: torch.Tensor, advantage: torch.Tensor, valid: torc
     Naive equivalent: ``lp, a = logp[valid], A[valid]; (lp - lp.mean()) * (a - a.mean())``.
     """
     logprob = logprob.detach()
-    dtype = _compute_dtype(logprob)
+    dtype = compute_dtype(logprob.dtype)
     cov = torch.zeros(valid.shape, dtype=dtype, device=logprob.device)
     if bool(valid.any()):
         lp = logprob[valid].to(dtype)  # (n,)

@@ -25,9 +25,10 @@ import torch
 from entropy_lab.aggregation import agg_loss
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.objectives.core import LOG_RATIO_CLAMP, _compute_dtype, masked_mean
+from entropy_lab.objectives.core import LOG_RATIO_CLAMP, masked_mean
 from entropy_lab.objectives.registry import get_kl_estimator, get_objective
 from entropy_lab.objectives.types import LossInputs, LossOutput
+from entropy_lab.stats import compute_dtype
 
 
 def required_inputs(cfg: TrainConfig) -> frozenset[str]:
@@ -87,7 +88,7 @@ def compute_loss(inputs: LossInputs, cfg: TrainConfig) -> LossOutput:
     """
     _check_inputs(inputs, cfg)
     objective = get_objective(cfg.objective)
-    dtype = _compute_dtype(inputs.logprob)
+    dtype = compute_dtype(inputs.logprob.dtype)
     valid = inputs.valid  # (B, T)
     logprob = inputs.logprob.to(dtype)  # (B, T) with grad
     zero = torch.zeros((), dtype=dtype, device=valid.device)
