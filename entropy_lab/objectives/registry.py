@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from entropy_lab.config import TrainConfig
-from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives.core import LOG_RATIO_CLAMP
 from entropy_lab.objectives.types import LossInputs, ObjectiveTerms
 from entropy_lab.registry import Registry
@@ -66,14 +65,12 @@ def register_objective(
     """
 
     def deco(fn: ObjectiveFn) -> ObjectiveFn:
-        if name in OBJECTIVES:
-            raise EntropyLabError(f"objective {name!r} is already registered")
         if callable(requires):
             req = lambda cfg: frozenset(requires(cfg))  # noqa: E731
         else:
             fixed = frozenset(requires)
             req = lambda cfg: fixed  # noqa: E731
-        OBJECTIVES[name] = Objective(name, fn, req, prepare)
+        OBJECTIVES.add(name, Objective(name, fn, req, prepare))
         return fn
 
     return deco

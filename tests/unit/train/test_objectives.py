@@ -434,8 +434,10 @@ def test_registry_lists_names_and_refuses_duplicates():
     )
     with pytest.raises(EntropyLabError, match="valid: .*ppo.*steer"):
         get_objective("nope")
-    with pytest.raises(EntropyLabError, match="already registered"):
+    ppo = get_objective("ppo")
+    with pytest.raises(EntropyLabError, match="^objective 'ppo' is already registered$"):
         register_objective("ppo")(lambda inputs, cfg: None)
+    assert get_objective("ppo") is ppo  # the refused duplicate replaced nothing
     with pytest.raises(EntropyLabError, match="valid: k1, k2, k3"):
         get_kl_estimator("k4")
     assert get_objective("ppo").prepare(None, TrainConfig()) == {}
