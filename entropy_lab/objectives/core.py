@@ -73,9 +73,7 @@ def ppo_clip(
     low = (advantage < 0) & (r < 1 - cfg.clip_eps_low)
     dual = torch.zeros_like(high)
     c = cfg.dual_clip_c
-    if c is not None:
-        if c <= 1:
-            raise EntropyLabError(f"dual_clip_c must be greater than 1, got {c}")
+    if c is not None:  # c > 1 is the config's rule (TrainConfig.validate), checked once there
         loss = torch.where(advantage < 0, torch.minimum(loss, -advantage * c), loss)
         dual = (advantage < 0) & (r > c)
     indicator = (~(high | low | dual | saturated)).to(loss.dtype)

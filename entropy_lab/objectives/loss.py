@@ -14,6 +14,8 @@ Deliberate simplifications:
 - Outside the mask the inputs are replaced by harmless values (A = 0, r = 1, H = 0) before the
   objective runs, so NaN or inf in padding cannot reach a gradient; in the output, per-token
   loss, I_clip and advantage are 0 there and lambda is 1.
+- ``cfg`` is taken as validated (``TrainConfig.validate``, which ``resolve_config`` and the
+  trainer run): the loss checks its inputs, not the config's ranges (e.g. dual_clip_c > 1).
 """
 
 from __future__ import annotations

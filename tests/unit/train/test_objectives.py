@@ -97,8 +97,9 @@ def test_dual_clip():
     # the dual-clip preset's c = 3: r=4, A=-2 -> min(8, 6) = 6
     out3 = compute_loss(make(ratios, adv)[0], TrainConfig(dual_clip_c=3.0))
     assert float(out3.per_token[0, 2].detach()) == pytest.approx(6.0)
-    with pytest.raises(EntropyLabError, match="dual_clip_c"):
-        compute_loss(make(ratios, adv)[0], TrainConfig(dual_clip_c=1.0))
+    # c must exceed 1: the config's validation refuses c = 1 before any loss is computed
+    with pytest.raises(EntropyLabError, match="^config key 'dual_clip_c' must be > 1, got 1.0;"):
+        compute_loss(make(ratios, adv)[0], TrainConfig(dual_clip_c=1.0).validate())
 
 
 def test_saturated_log_ratio_counts_as_clipped():
