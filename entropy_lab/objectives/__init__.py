@@ -31,8 +31,6 @@ from entropy_lab.objectives.interventions import (
 )
 from entropy_lab.objectives.loss import (
     compute_loss,
-    needs_entropy,
-    needs_reference,
     prepare_context,
     required_inputs,
 )
@@ -76,8 +74,6 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
-    "needs_entropy",
-    "needs_reference",
     "ppo_clip",
     "ppo_objective",
     "prepare_context",

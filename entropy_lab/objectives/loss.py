@@ -43,16 +43,6 @@ def required_inputs(cfg: TrainConfig) -> frozenset[str]:
     return frozenset(needed)
 
 
-def needs_entropy(cfg: TrainConfig) -> bool:
-    """Whether the trainer must compute the current entropy (differentiable when entropy_coef > 0)."""
-    return "entropy" in required_inputs(cfg)
-
-
-def needs_reference(cfg: TrainConfig) -> bool:
-    """Whether a reference policy must be loaded (kl_coef > 0)."""
-    return "ref_logprob" in required_inputs(cfg)
-
-
 def prepare_context(full_inputs: LossInputs, cfg: TrainConfig) -> dict:
     """The objective's per-rollout-batch context (call once per batch, put it in LossInputs.context)."""
     return get_objective(cfg.objective).prepare(full_inputs, cfg)

@@ -20,8 +20,6 @@ from entropy_lab.objectives import (
     compute_loss,
     get_kl_estimator,
     get_objective,
-    needs_entropy,
-    needs_reference,
     register_objective,
     required_inputs,
     token_covariance,
@@ -406,17 +404,21 @@ def test_nan_outside_mask_does_not_leak():
 
 
 def test_required_inputs_and_errors():
-    assert needs_entropy(TrainConfig(objective="fork-tokens"))
-    assert needs_entropy(TrainConfig(objective="entropy-adv"))
-    assert needs_entropy(TrainConfig(entropy_coef=0.001))
-    assert not needs_entropy(TrainConfig())
-    assert not needs_entropy(TrainConfig(objective="steer"))  # the paper estimator reads old_entropy
+    assert required_inputs(TrainConfig()) == set()
+    assert required_inputs(TrainConfig(objective="fork-tokens")) == {"entropy"}
+    assert required_inputs(TrainConfig(objective="entropy-adv")) == {"entropy"}
+    assert required_inputs(TrainConfig(entropy_coef=0.001)) == {"entropy"}
+    assert required_inputs(TrainConfig(kl_coef=0.001)) == {"ref_logprob"}
+    # the paper estimator reads the rollout policy's entropy, not the current one
     assert required_inputs(TrainConfig(objective="steer")) == {"old_entropy"}
     assert required_inputs(TrainConfig(objective="steer", steer_estimator="softmax")) == {
         "entropy",
         "collision",
     }
-    assert needs_reference(TrainConfig(kl_coef=0.001)) and not needs_reference(TrainConfig())
+    assert required_inputs(TrainConfig(objective="fork-tokens", entropy_coef=0.001, kl_coef=0.1)) == {
+        "entropy",
+        "ref_logprob",
+    }
     inputs, _ = make([[1.0] * 4] * 2, [[1.0] * 4] * 2)
     with pytest.raises(EntropyLabError, match="LossInputs.entropy"):
         compute_loss(inputs, TrainConfig(objective="fork-tokens"))
