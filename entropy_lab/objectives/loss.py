@@ -27,7 +27,7 @@ import torch
 from entropy_lab.aggregation import agg_loss
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.objectives.core import LOG_RATIO_CLAMP, masked_mean
+from entropy_lab.objectives.core import clamped_ratio, masked_mean
 from entropy_lab.objectives.registry import get_kl_estimator, get_objective
 from entropy_lab.objectives.types import LossInputs, LossOutput
 from entropy_lab.stats import compute_dtype
@@ -137,9 +137,7 @@ def compute_loss(inputs: LossInputs, cfg: TrainConfig) -> LossOutput:
     metrics["loss/total"] = float(loss.detach())
 
     clip_indicator = torch.where(valid, terms.clip_indicator.to(dtype), zero)  # (B, T)
-    ratio = (
-        (cast.logprob.detach() - cast.old_logprob).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
-    )  # (B, T)
+    ratio, _ = clamped_ratio(cast.logprob.detach(), cast.old_logprob)  # (B, T)
     metrics["clip/frac"] = masked_mean(1 - clip_indicator, valid)
     for part in ("high", "low", "dual"):
         flags = terms.clip_parts.get(part)

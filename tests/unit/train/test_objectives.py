@@ -72,6 +72,18 @@ def test_ppo_per_token_loss_gradient_and_clip_indicator():
     assert out.metrics["loss/pg"] == pytest.approx(-3.0 / 7)
 
 
+def test_ratio_and_approx_kl_metrics_over_valid_tokens():
+    inputs, lp = make(PPO_RATIOS, PPO_ADV, PPO_MASK)
+    with torch.no_grad():
+        lp[0, 3] += 25.0 - math.log(1.5)  # log r = 25: the ratio is clamped to exp(20)
+        lp[1, 3] = float("nan")  # padding: must not reach either metric
+    out = compute_loss(inputs, TrainConfig())
+    ratios = [1.3, 0.9, 0.7, math.exp(20.0), 1.1, 0.5, 1.0]
+    log_ratios = [math.log(1.3), math.log(0.9), math.log(0.7), 25.0, math.log(1.1), math.log(0.5), 0.0]
+    assert out.metrics["policy/ratio_mean"] == pytest.approx(sum(ratios) / 7, rel=1e-12)
+    assert out.metrics["policy/approx_kl"] == pytest.approx(-sum(log_ratios) / 7, rel=1e-12)
+
+
 def test_clip_higher_keeps_gradient_up_to_eps_high():
     inputs, lp = make([[1.25, 1.3, 1.0, 1.0]] * 2, [[1.0, 1.0, 0.0, 0.0]] * 2)
     out = compute_loss(inputs, TrainConfig(clip_eps_high=0.28))
