@@ -34,7 +34,15 @@ from entropy_lab.stats import compute_dtype
 
 
 def required_inputs(cfg: TrainConfig) -> frozenset[str]:
-    """Optional ``LossInputs`` fields the trainer must fill for ``cfg`` (entropy, old_entropy, collision, ref_logprob)."""
+    """Optional ``LossInputs`` fields the trainer must fill for ``cfg``.
+
+    Args:
+        cfg: the training configuration (objective, entropy_coef, kl_coef).
+
+    Returns:
+        A subset of {entropy, old_entropy, collision, ref_logprob}: the objective's own needs,
+        entropy when entropy_coef > 0, ref_logprob when kl_coef > 0.
+    """
     needed = set(get_objective(cfg.objective).inputs(cfg))
     if cfg.entropy_coef > 0:
         needed.add("entropy")
@@ -77,6 +85,13 @@ def compute_loss(inputs: LossInputs, cfg: TrainConfig) -> LossOutput:
 
     With ``num_tokens`` / ``num_seqs`` set to the whole mini-batch's counts, the losses of its
     micro-batches sum to the mini-batch loss (for objectives without per-call selection).
+
+    Args:
+        inputs: the (B, T) tensors of one loss call, with the fields ``required_inputs(cfg)`` names.
+        cfg: a validated training configuration.
+
+    Returns:
+        ``LossOutput``: the scalar loss, its (B, T) per-token terms and the metrics.
     """
     _check_inputs(inputs, cfg)
     objective = get_objective(cfg.objective)

@@ -61,7 +61,13 @@ def register_objective(
 ) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Register ``fn(inputs, cfg) -> ObjectiveTerms`` under ``name``; duplicates are refused.
 
-    ``requires``: the optional ``LossInputs`` fields it reads (or a function of cfg giving them).
+    Args:
+        name: the registry name (``TrainConfig.objective``).
+        requires: the optional ``LossInputs`` fields it reads, or a function of cfg giving them.
+        prepare: ``prepare(full_inputs, cfg) -> dict`` run once per rollout batch, or None.
+
+    Returns:
+        A decorator that registers ``fn`` and returns it unchanged.
     """
 
     def deco(fn: ObjectiveFn) -> ObjectiveFn:
