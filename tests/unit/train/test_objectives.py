@@ -20,8 +20,6 @@ from entropy_lab.objectives import (
     compute_loss,
     get_kl_estimator,
     get_objective,
-    needs_entropy,
-    needs_reference,
     register_objective,
     required_inputs,
     token_covariance,
@@ -74,6 +72,18 @@ def test_ppo_per_token_loss_gradient_and_clip_indicator():
     assert out.metrics["loss/pg"] == pytest.approx(-3.0 / 7)
 
 
+def test_ratio_and_approx_kl_metrics_over_valid_tokens():
+    inputs, lp = make(PPO_RATIOS, PPO_ADV, PPO_MASK)
+    with torch.no_grad():
+        lp[0, 3] += 25.0 - math.log(1.5)  # log r = 25: the ratio is clamped to exp(20)
+        lp[1, 3] = float("nan")  # padding: must not reach either metric
+    out = compute_loss(inputs, TrainConfig())
+    ratios = [1.3, 0.9, 0.7, math.exp(20.0), 1.1, 0.5, 1.0]
+    log_ratios = [math.log(1.3), math.log(0.9), math.log(0.7), 25.0, math.log(1.1), math.log(0.5), 0.0]
+    assert out.metrics["policy/ratio_mean"] == pytest.approx(sum(ratios) / 7, rel=1e-12)
+    assert out.metrics["policy/approx_kl"] == pytest.approx(-sum(log_ratios) / 7, rel=1e-12)
+
+
 def test_clip_higher_keeps_gradient_up_to_eps_high():
     inputs, lp = make([[1.25, 1.3, 1.0, 1.0]] * 2, [[1.0, 1.0, 0.0, 0.0]] * 2)
     out = compute_loss(inputs, TrainConfig(clip_eps_high=0.28))
@@ -97,8 +107,9 @@ def test_dual_clip():
     # the dual-clip preset's c = 3: r=4, A=-2 -> min(8, 6) = 6
     out3 = compute_loss(make(ratios, adv)[0], TrainConfig(dual_clip_c=3.0))
     assert float(out3.per_token[0, 2].detach()) == pytest.approx(6.0)
-    with pytest.raises(EntropyLabError, match="dual_clip_c"):
-        compute_loss(make(ratios, adv)[0], TrainConfig(dual_clip_c=1.0))
+    # c must exceed 1: the config's validation refuses c = 1 before any loss is computed
+    with pytest.raises(EntropyLabError, match="^config key 'dual_clip_c' must be > 1, got 1.0;"):
+        compute_loss(make(ratios, adv)[0], TrainConfig(dual_clip_c=1.0).validate())
 
 
 def test_saturated_log_ratio_counts_as_clipped():
@@ -405,17 +416,21 @@ def test_nan_outside_mask_does_not_leak():
 
 
 def test_required_inputs_and_errors():
-    assert needs_entropy(TrainConfig(objective="fork-tokens"))
-    assert needs_entropy(TrainConfig(objective="entropy-adv"))
-    assert needs_entropy(TrainConfig(entropy_coef=0.001))
-    assert not needs_entropy(TrainConfig())
-    assert not needs_entropy(TrainConfig(objective="steer"))  # the paper estimator reads old_entropy
+    assert required_inputs(TrainConfig()) == set()
+    assert required_inputs(TrainConfig(objective="fork-tokens")) == {"entropy"}
+    assert required_inputs(TrainConfig(objective="entropy-adv")) == {"entropy"}
+    assert required_inputs(TrainConfig(entropy_coef=0.001)) == {"entropy"}
+    assert required_inputs(TrainConfig(kl_coef=0.001)) == {"ref_logprob"}
+    # the paper estimator reads the rollout policy's entropy, not the current one
     assert required_inputs(TrainConfig(objective="steer")) == {"old_entropy"}
     assert required_inputs(TrainConfig(objective="steer", steer_estimator="softmax")) == {
         "entropy",
         "collision",
     }
-    assert needs_reference(TrainConfig(kl_coef=0.001)) and not needs_reference(TrainConfig())
+    assert required_inputs(TrainConfig(objective="fork-tokens", entropy_coef=0.001, kl_coef=0.1)) == {
+        "entropy",
+        "ref_logprob",
+    }
     inputs, _ = make([[1.0] * 4] * 2, [[1.0] * 4] * 2)
     with pytest.raises(EntropyLabError, match="LossInputs.entropy"):
         compute_loss(inputs, TrainConfig(objective="fork-tokens"))
@@ -434,8 +449,10 @@ def test_registry_lists_names_and_refuses_duplicates():
     )
     with pytest.raises(EntropyLabError, match="valid: .*ppo.*steer"):
         get_objective("nope")
-    with pytest.raises(EntropyLabError, match="already registered"):
+    ppo = get_objective("ppo")
+    with pytest.raises(EntropyLabError, match="^objective 'ppo' is already registered$"):
         register_objective("ppo")(lambda inputs, cfg: None)
+    assert get_objective("ppo") is ppo  # the refused duplicate replaced nothing
     with pytest.raises(EntropyLabError, match="valid: k1, k2, k3"):
         get_kl_estimator("k4")
     assert get_objective("ppo").prepare(None, TrainConfig()) == {}
