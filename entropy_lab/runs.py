@@ -1,4 +1,4 @@
-"""Run directories (README, Run directories): configuration, per-step metrics, traces, checkpoints.
+"""Run directories (docs/cli.md, Run directories): configuration, per-step metrics, traces, checkpoints.
 
     runs/<name>/.entropy-lab-run     marker: this directory is a run that entropy-lab created
     runs/<name>/config.json          resolved configuration, seed, package versions

@@ -1,6 +1,6 @@
 """Reports: turn run directories into tables, figures and a markdown summary.
 
-Everything here reads what the trainer wrote (README, Run directories) - ``config.json``,
+Everything here reads what the trainer wrote (docs/cli.md, Run directories) - ``config.json``,
 ``metrics.parquet``, ``eval.parquet``, ``traces/step_*.parquet`` - and hands it to
 ``entropy_lab.analyses`` (tables) and ``entropy_lab.figures`` (PNG + PDF). No model and
 no torch are needed. This module composes the two documents; the pieces have their own
