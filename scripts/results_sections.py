@@ -251,10 +251,10 @@ SECTIONS = (
         "Why the closed forms fail: the coupling study",
         "One rollout batch of the default task under the warm-start policy; from the same parameters "
         "each time, single optimizer steps on k tokens (k from one token to the whole batch), under "
-        "SGD and AdamW at three learning rates each, in float64, every step traced (`--help` gives "
-        "the grid). Rows: optimizer and learning rate; columns: tokens per update. With one token per "
-        "update the tabular estimators see everything that moves its logits; every other token in "
-        "the update adds coupling through the shared parameters.",
+        "SGD and AdamW at three learning rates each, in float64, every step traced "
+        "(`entropy-lab study coupling --help` gives the grid). Rows: optimizer and learning rate; "
+        "columns: tokens per update. With one token per update no other token's gradient moves its "
+        "logits; every further token in the update adds coupling through the shared parameters.",
         (
             Table(
                 COUPLING,
