@@ -1,4 +1,4 @@
-"""Run directories (README, Run directories): configuration, per-step metrics, traces, checkpoints.
+"""Run directories (docs/cli.md, Run directories): configuration, per-step metrics, traces, checkpoints.
 
     runs/<name>/.entropy-lab-run     marker: this directory is a run that entropy-lab created
     runs/<name>/config.json          resolved configuration, seed, package versions
@@ -6,7 +6,7 @@
     runs/<name>/eval.parquet         periodic evaluation (greedy accuracy, pass@k)
     runs/<name>/traces/step_XXXXXX.parquet   every traced update of that step (column ``update``)
     runs/<name>/checkpoints/step_XXXXXX/     model + tokenizer (save_pretrained), trainer_state.pt
-    runs/<name>/figures/, report.md, retrace-*/ (runs traced from a checkpoint)
+    runs/<name>/figures/, report.md, report.json, retrace-*/ (runs traced from a checkpoint)
 
 Every file is written under a temporary name and renamed into place, so a killed run
 leaves either the old or the new version, never half of one.
@@ -71,6 +71,7 @@ LAYOUT = frozenset(
         "checkpoints",
         "figures",
         "report.md",
+        "report.json",
     }
 )
 """Top-level entries of a run directory; ``retrace-*`` runs and ``*.tmp`` leftovers are known too."""

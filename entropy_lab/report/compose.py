@@ -1,6 +1,6 @@
 """Reports: turn run directories into tables, figures and a markdown summary.
 
-Everything here reads what the trainer wrote (README, Run directories) - ``config.json``,
+Everything here reads what the trainer wrote (docs/cli.md, Run directories) - ``config.json``,
 ``metrics.parquet``, ``eval.parquet``, ``traces/step_*.parquet`` - and hands it to
 ``entropy_lab.analyses`` (tables) and ``entropy_lab.figures`` (PNG + PDF). No model and
 no torch are needed. This module composes the two documents; the pieces have their own
@@ -8,10 +8,13 @@ modules: ``load`` (reading runs), ``entries`` (the registered analyses: table, f
 and section each), ``markdown`` and ``json_tables`` (output formats), and
 ``entropy_lab.formatting`` (numbers).
 
-- ``run_report``: one run -> ``<run>/figures/*`` and ``<run>/report.md``.
+- ``run_report``: one run -> ``<run>/figures/*``, ``<run>/report.md`` and ``<run>/report.json``.
 - ``compare_report``: several methods (one run directory per seed) -> a comparison
-  table, curves, entropy-change spreads and tightness per method in ``out_dir``.
-- ``report_json``: the same tables, machine-readable.
+  table, curves, entropy-change spreads and tightness per method in ``out_dir``, as
+  ``report.md`` and ``report.json``.
+- ``report_json``: the same tables, machine-readable. ``report.json`` holds them next to
+  ``report.md`` with the run's name, its scope and the key facts of its configuration
+  (``scripts/results.py`` builds docs/results.md from these files).
 
 Deliberate simplifications:
 
@@ -25,6 +28,7 @@ Deliberate simplifications:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +51,7 @@ from entropy_lab.report.entries import (
     write_trace_figures,
 )
 from entropy_lab.report.json_tables import json_value, report_json
-from entropy_lab.report.load import collect, load_run_records, read_tables
+from entropy_lab.report.load import collect, config_record, load_run_records, read_tables
 from entropy_lab.report.markdown import figure_links, markdown_table
 from entropy_lab.runs import RunDir, write_text_atomic
 
@@ -62,6 +66,12 @@ __all__ = [
 ]
 
 REPORT_NAME = "report.md"
+REPORT_JSON_NAME = "report.json"
+KEY_FACTS = (
+    "method", "task", "dataset", "model", "seed", "steps", "prompts_per_step", "samples_per_prompt",
+    "optimizer", "lr", "trace_every", "trace_jvp", "controller", "entropy_target", "eval_prompts", "eval_k",
+)  # fmt: skip
+"""Configuration fields that ``report.json`` carries: what a reader needs to know which run it was."""
 FIGURES_DIRNAME = "figures"
 COMPARE_TIGHTNESS_VIEW = [
     "method", "estimator", "n", "pearson", "sign_agreement", "gain", "r2", "noise_floor",
@@ -88,6 +98,29 @@ def write_training_figures(
     if len(evals) and "step" in evals.columns and analyses.pass_at_k_columns(evals):
         written += _save(figures.pass_at_k_curves(evals), out_dir, f"{stem_prefix}pass_at_k")
     return written
+
+
+def key_facts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``KEY_FACTS`` entries of a run's configuration, JSON-safe (absent fields are left out)."""
+    return {key: json_value(config[key]) for key in KEY_FACTS if key in config}
+
+
+def write_report_json(
+    path: Path, name: str, scope: str, config: Mapping[str, Any], tables: Mapping[str, pd.DataFrame], **extra
+) -> Path:
+    """Write ``{"run", "scope", "config", **extra, "tables"}`` to ``path`` atomically; returns ``path``.
+
+    Args:
+        path: the file (``report.json`` next to ``report.md``).
+        name: the run's (or the comparison's) directory name.
+        scope: ``"run"`` or ``"compare"``.
+        config: the key facts (``key_facts``), or method -> key facts for a comparison.
+        tables: name -> table, written through ``report_json`` (records orientation, NaN -> None).
+        extra: further JSON-safe entries (the run summary).
+    """
+    payload = {"run": name, "scope": scope, "config": dict(config), **extra, "tables": report_json(tables)}
+    write_text_atomic(json.dumps(payload, indent=2, allow_nan=False) + "\n", path)
+    return path
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -172,17 +205,18 @@ def run_markdown(
 
 
 def run_report(run: RunDir, estimator: str = "softmax") -> dict:
-    """Tables, figures and ``report.md`` of one run directory.
+    """Tables, figures, ``report.md`` and ``report.json`` of one run directory.
 
     Loads the traces (when there are any), metrics and evaluations; writes the figures into
-    ``run.figures_dir`` and the markdown into ``run.report_path``. A run without traces
-    gets a metrics-only report.
+    ``run.figures_dir``, the markdown into ``run.report_path`` and, next to it, the same
+    tables as ``report.json`` (``write_report_json``, scope ``"run"``, with the summary). A
+    run without traces gets a metrics-only report.
 
     Returns:
         ``{"tables": {name: DataFrame} (empty without traces), "figures": [paths],
-        "report": path of report.md, "summary": dict}`` - the summary holds ``run``, the
-        ``analyses.run_summary`` statistics (NaN -> None), ``trace_tokens``, ``trace_steps``
-        and ``noise_floor`` (None without traces).
+        "report": path of report.md, "json": path of report.json, "summary": dict}`` - the
+        summary holds ``run``, the ``analyses.run_summary`` statistics (NaN -> None),
+        ``trace_tokens``, ``trace_steps`` and ``noise_floor`` (None without traces).
     """
     config = run.read_config()["config"]
     metrics, evals = read_tables(run)
@@ -201,7 +235,16 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
     links = figure_links(written, run.path)
     text = run_markdown(run.path.name, config, summary, records, tables, links, estimator)
     write_text_atomic(text, run.report_path)
-    return {"tables": tables, "figures": written, "report": run.report_path, "summary": summary}
+    json_path = write_report_json(
+        run.path / REPORT_JSON_NAME, run.path.name, "run", key_facts(config), tables, summary=summary
+    )
+    return {
+        "tables": tables,
+        "figures": written,
+        "report": run.report_path,
+        "json": json_path,
+        "summary": summary,
+    }
 
 
 # --- several runs ---------------------------------------------------------------------------------
@@ -274,12 +317,14 @@ def compare_report(runs: Mapping[str, Sequence[RunDir]], out_dir: Path) -> dict:
     Args:
         runs: method label -> its run directories, one per seed. The label replaces the
             config's method name, so two variants of one method can be compared.
-        out_dir: where ``report.md`` and ``figures/*.png|pdf`` go.
+        out_dir: where ``report.md``, ``report.json`` and ``figures/*.png|pdf`` go.
 
     Returns:
         ``{"table": analyses.compare_runs table (empty without metrics), "tightness":
         pooled tightness per method and estimator (empty without traces), "figures": [paths],
-        "report": path of report.md}``.
+        "report": path of report.md, "json": path of report.json}``. ``report.json`` (scope
+        ``"compare"``) holds the tables ``runs`` (the listing), ``comparison`` and
+        ``tightness``, and per method the key facts of its first run's configuration.
     """
     if not runs or not any(runs.values()):
         raise EntropyLabError("compare_report needs at least one run directory")
@@ -299,4 +344,7 @@ def compare_report(runs: Mapping[str, Sequence[RunDir]], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / REPORT_NAME
     write_text_atomic(compare_markdown(listing, table, tightness, figure_links(written, out_dir)), report)
-    return {"table": table, "tightness": tightness, "figures": written, "report": report}
+    facts = {method: key_facts(config_record(dirs[0])) for method, dirs in runs.items() if dirs}
+    tables = {"runs": pd.DataFrame(listing), "comparison": table, "tightness": tightness}
+    json_path = write_report_json(out_dir / REPORT_JSON_NAME, out_dir.name, "compare", facts, tables)
+    return {"table": table, "tightness": tightness, "figures": written, "report": report, "json": json_path}
