@@ -27,7 +27,7 @@ import json
 import sys
 
 import torch
-import transformers
+from common import add_timing_args, pick_device, qwen2_from_args
 from timing import interleaved, medians, print_table
 
 from entropy_lab.jvp import jvp_estimates, jvp_logits
@@ -46,26 +46,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--response-len", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa or eager")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", default=None)
+    add_timing_args(ap, repeats=5, device=True)
     args = ap.parse_args(argv)
+    args.device = pick_device(args.device)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(256, args.seq_len),
-        attn_implementation=args.attn,
-    )
     dev = torch.device(args.device)
-    model = transformers.Qwen2ForCausalLM(cfg).to(dev).eval()
+    model = qwen2_from_args(args, seed=0, attn_implementation=args.attn).to(dev).eval()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=dev)  # (B, T)
     keep = torch.arange(args.seq_len - args.response_len - 1, args.seq_len - 1, device=dev)  # (K,)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -96,7 +83,7 @@ def main(argv=None) -> int:
         return lambda: (fn(), sync())
 
     sync()
-    times = interleaved({"forward": synced(forward), "jvp": synced(jvp)}, args.repeats)
+    times = interleaved({"forward": synced(forward), "jvp": synced(jvp)}, args.repeats, args.warmup)
     med = medians(times)["wall"]  # wall clock decides: on a GPU the CPU time is only the launch cost
     ratio = med["jvp"] / med["forward"]
     ok = ratio <= TARGET

@@ -38,6 +38,7 @@ import sys
 import time
 
 import torch
+from common import add_timing_args, pick_device
 
 from entropy_lab.stats import token_stats
 
@@ -281,20 +282,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated TxV (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant (median)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads; 1 (default) keeps timings stable on a shared machine",
-    )
+    add_timing_args(p, repeats=3, device=True)
     p.add_argument(
         "--chunk-bytes", type=int, default=None, help="the chunked variant's (default: token_stats' own)"
     )
     p.add_argument("--sweep", action="store_true", help=f"also chunk sizes {SWEEP_MIB} MiB, check on/off")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the numbers here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: memory subprocess
     p.add_argument("--child-shape", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -308,7 +300,7 @@ def main(argv=None) -> int:
         T, V = (int(x) for x in args.child_shape.split("x"))
         print(json.dumps(child_measure_rss(json.loads(args.child), T, V, args.dtype)))
         return 0
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(args.device)
     method = (
         "torch.cuda.max_memory_allocated() minus allocated bytes before the call"
         if device == "cuda"

@@ -35,28 +35,13 @@ import sys
 
 import torch
 import transformers
+from common import add_timing_args, qwen2_from_args
 from timing import interleaved, medians, print_table
 
 from entropy_lab.stats import gather_logprobs
 from entropy_lab.trace import EntropyTracer
 
 TARGET = 1.10  # traced / floor
-
-
-def build_model(args) -> torch.nn.Module:
-    """A small Qwen2 causal LM from a config: random init, fp32, nothing downloaded."""
-    torch.manual_seed(args.seed)
-    cfg = transformers.Qwen2Config(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(256, args.seq_len),
-        tie_word_embeddings=False,
-    )
-    return transformers.Qwen2ForCausalLM(cfg).train()
 
 
 def make_batch(args):
@@ -127,28 +112,20 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--response", type=int, default=96, help="response tokens at the end of each sequence")
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads; 1 (default) keeps timings stable on a shared machine",
-    )
+    add_timing_args(p, repeats=9)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument(
         "--chunk-bytes", type=int, default=None, help="EntropyTracer(chunk_bytes=...); default: the tracer's"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="cProfile one traced step and print the top")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the numbers here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = build_model(args)
+    model = qwen2_from_args(args, seed=args.seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     tracer_kw = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}
     tracer = EntropyTracer(model, **tracer_kw)

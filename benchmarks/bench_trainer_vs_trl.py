@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from common import add_timing_args
 from timing import CLOCKS
 
 from entropy_lab.methods import resolve_config
@@ -68,18 +69,10 @@ def since(t0: dict[str, float]) -> dict[str, float]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=8, help="timed steps of each trainer")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
     p.add_argument("--prompts", type=int, default=32, help="prompts per step")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (group size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads; 1 (default) keeps timings stable on a shared machine",
-    )
-    p.add_argument("--json", default=None, metavar="PATH", help="write the numbers here")
+    add_timing_args(p, repeats=8, warmup=2, unit="steps of each trainer")
     return p.parse_args(argv)
 
 

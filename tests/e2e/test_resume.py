@@ -29,7 +29,7 @@ from entropy_lab.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
+HELPERS_DIR = Path(__file__).resolve().parents[1] / "helpers"  # the child processes import from here
 
 SCRIPT = textwrap.dedent(
     """
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
 
-    from conftest import digit_reward, small_config
+    from tiny_training import digit_reward, small_config
     from entropy_lab.tasks.arithmetic import ArithmeticTask
     from entropy_lab.trainer import Trainer
 
@@ -68,15 +68,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def launch(script: Path, policy: Path, out: Path, mode: str, cache: Path) -> subprocess.Popen:
+def launch(script: Path, *args: Path | str, cache: Path) -> subprocess.Popen:
+    """Run ``script args...`` in a subprocess with one thread and ``cache`` as ENTROPY_LAB_CACHE."""
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(HELPERS_DIR), os.environ.get("PYTHONPATH", "")]),
         "ENTROPY_LAB_CACHE": str(cache),
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.Popen(
-        [sys.executable, str(script), str(policy), str(out), mode],
+        [sys.executable, str(script), *map(str, args)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -88,6 +89,25 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> None:
     assert proc.returncode == 0, output.decode()[-3000:]
 
 
+def kill_when_ready(
+    proc: subprocess.Popen, flag: Path, timeout: float = 180, phase: str = "the phase to be killed in"
+) -> None:
+    """SIGKILL ``proc`` once it has written ``flag``; it must not have exited before."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not flag.exists():
+            assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, f"the run never reached {phase}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def without_time(df: pd.DataFrame) -> pd.DataFrame:
     return df[[c for c in df.columns if not c.startswith("time/")]]
 
@@ -97,21 +117,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_policy_dir, 
     script.write_text(SCRIPT)
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
 
-    full = launch(script, tiny_policy_dir, full_dir, "full", isolated_cache)
-    victim = launch(script, tiny_policy_dir, killed_dir, "kill", isolated_cache)
-    try:
-        deadline = time.monotonic() + 120
-        while not (killed_dir / "KILL_ME").exists():
-            assert victim.poll() is None, victim.communicate()[0].decode()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached its step-6 checkpoint"
-            time.sleep(0.05)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=30)
-        assert victim.returncode == -signal.SIGKILL
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait()
+    full = launch(script, tiny_policy_dir, full_dir, "full", cache=isolated_cache)
+    victim = launch(script, tiny_policy_dir, killed_dir, "kill", cache=isolated_cache)
+    kill_when_ready(victim, killed_dir / "KILL_ME", timeout=120, phase="its step-6 checkpoint")
     finish(full)
 
     killed = RunDir(killed_dir)
@@ -122,7 +130,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_policy_dir, 
     assert [f.name for f in killed.trace_files()] == [f"step_00000{s}.parquet" for s in (2, 4, 6)]
 
     os.remove(killed_dir / "KILL_ME")
-    finish(launch(script, tiny_policy_dir, killed_dir, "resume", isolated_cache))
+    finish(launch(script, tiny_policy_dir, killed_dir, "resume", cache=isolated_cache))
 
     reference = RunDir(full_dir)
     pd.testing.assert_frame_equal(
@@ -164,7 +172,7 @@ PHASE_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
 
     import entropy_lab.trainer.loop as trainer_module
-    from conftest import SMALL, TINY_SPEC, digit_reward
+    from tiny_training import SMALL, TINY_SPEC, digit_reward
     from entropy_lab.methods import resolve_config
     from entropy_lab.models import WarmStartSpec, warm_start
     from entropy_lab.tasks.arithmetic import ArithmeticTask
@@ -204,44 +212,13 @@ PHASE_SCRIPT = textwrap.dedent(
 )
 
 
-def launch_phase(script: Path, out: Path, mode: str, cache: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-        "ENTROPY_LAB_CACHE": str(cache),
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.Popen(
-        [sys.executable, str(script), str(out), mode],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def kill_when_ready(proc: subprocess.Popen, flag: Path, timeout: float = 180) -> None:
-    try:
-        deadline = time.monotonic() + timeout
-        while not flag.exists():
-            assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached the phase to be killed in"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def warm_reference(tmp_path_factory):
     """The uninterrupted 5-step run from a (shrunk) warm start, in a subprocess; shared by the phases."""
     root = tmp_path_factory.mktemp("phases")
     script = root / "phase_script.py"
     script.write_text(PHASE_SCRIPT)
-    finish(launch_phase(script, root / "full", "full", root / "cache-full"), timeout=300)
+    finish(launch(script, root / "full", "full", cache=root / "cache-full"), timeout=300)
     return script, RunDir(root / "full"), root / "cache-full"
 
 
@@ -266,20 +243,20 @@ def test_kill_at_each_phase_then_resume_equals_uninterrupted(phase, warm_referen
     script, reference, shared_cache = warm_reference
     # the warm-start phase needs an empty cache; the others reuse the reference's cached warm start
     out, cache = tmp_path / "run", (tmp_path / "cache" if phase == "warm_start" else shared_cache)
-    kill_when_ready(launch_phase(script, out, phase, cache), Path(str(out) + ".KILL_ME"))
+    kill_when_ready(launch(script, out, phase, cache=cache), Path(str(out) + ".KILL_ME"))
     run = RunDir(out)
     if phase == "warm_start":
         # nothing was written before the policy existed, and no half warm start is cached as done
         assert not out.exists()
         assert not list(cache.glob("warmstart/*/info.json"))
-        resumed = launch_phase(script, out, "resume", cache)
+        resumed = launch(script, out, "resume", cache=cache)
         output = resumed.communicate(timeout=120)[0].decode()
         assert resumed.returncode != 0 and "no run to resume" in output
-        finish(launch_phase(script, out, "full", cache), timeout=300)  # so the same command starts it again
+        finish(launch(script, out, "full", cache=cache), timeout=300)  # so the same command starts it again
     else:
         assert run.checkpoints() == ({} if phase == "rollout" else {2: run.checkpoint_path(2)})
         assert len(run.read_metrics()) == (0 if phase == "rollout" else 3)
-        finish(launch_phase(script, out, "resume", cache), timeout=300)
+        finish(launch(script, out, "resume", cache=cache), timeout=300)
     assert_same_run(run, reference)
 
 
@@ -347,7 +324,11 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_policy_dir, iso
 # --- unsafe and damaged checkpoints --------------------------------------------------------------
 
 
-def test_a_malicious_checkpoint_runs_nothing(tmp_path, tiny_policy_dir, isolated_cache, small_config):
+def test_a_malicious_checkpoint_runs_nothing(
+    monkeypatch, tmp_path, tiny_policy_dir, isolated_cache, small_config
+):
+    # importable by name only once pytest has collected tests/unit/cli, so not when this file runs alone
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "unit" / "cli"))
     from test_bad_inputs import plant_payload  # a pickled exec() call where RNG state belongs
     from typer.testing import CliRunner
 

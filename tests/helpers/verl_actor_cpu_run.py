@@ -1,7 +1,7 @@
 """Run verl's actor update (TrainingWorker + FSDP2 engine over gloo) on the CPU, traced.
 
-Used by tests/test_verl_trace.py in a subprocess (it initialises torch.distributed):
-    python tests/verl_actor_cpu_run.py RUN_DIR LOSS_MODE
+Used by tests/integration/verl/test_verl_trace.py in a subprocess (it initialises torch.distributed):
+    python tests/helpers/verl_actor_cpu_run.py RUN_DIR LOSS_MODE
 Prints one JSON line with what the test checks.
 """
 
@@ -27,7 +27,8 @@ from entropy_lab.integrations.verl.cpu import use_cpu_platform  # noqa: E402
 use_cpu_platform()
 
 from tensordict import TensorDict  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from tiny_lm import make_tiny_lm  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 from verl.trainer.config import CheckpointConfig  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.config import (  # noqa: E402
@@ -50,19 +51,7 @@ V, P, R, B = 48, 4, 6, 6
 def tiny_model(path: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        initializer_range=0.5,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    make_tiny_lm(vocab_size=V, max_position_embeddings=64, initializer_range=0.5).save_pretrained(path)
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1").save_pretrained(path)

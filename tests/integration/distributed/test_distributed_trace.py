@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_lm import make_tiny_lm
 
 from entropy_lab.trace import EntropyTracer
 
@@ -32,21 +33,7 @@ PROMPT = 3
 
 
 def tiny_model() -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )
-    return Qwen2ForCausalLM(cfg)
+    return make_tiny_lm(vocab_size=V, max_position_embeddings=32, initializer_range=0.3)
 
 
 def global_batch():

@@ -212,7 +212,7 @@ def create_run_on_a_model(paths):
 
 def tracer_batch(seed: int = 0):
     """(model, input_ids (2, 6), response mask (2, 6), advantages (2,)) of a tiny causal LM."""
-    from conftest import make_tiny_lm
+    from tiny_lm import make_tiny_lm
 
     torch.manual_seed(seed)
     ids = torch.randint(0, 64, (2, 6))

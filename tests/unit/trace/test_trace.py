@@ -1,5 +1,6 @@
 """EntropyTracer on Hugging Face models: exactness, accumulation, padding, dropout, hooks, errors."""
 
+import contextlib
 import copy
 import warnings
 
@@ -52,6 +53,27 @@ def naive_entropy(model, ids, attn, rows, pos):
     return -(logp.exp() * logp).sum(-1)
 
 
+@pytest.fixture
+def sgd_update(make_tiny_lm):
+    """``sgd_update(seed, lr=0.1, config=None, **step_kw)``: a context manager yielding the open step.
+
+    It traces one SGD step of ``make_tiny_lm(seed=seed)`` on ``batch(seed=seed)`` with the full-batch
+    token-mean ``pg_loss``; the test's body runs after ``opt.step()``, inside the traced step.
+    """
+
+    @contextlib.contextmanager
+    def update(seed: int, lr: float = 0.1, config: dict | None = None, **step_kw):
+        model = make_tiny_lm(seed=seed)
+        ids, attn, resp, adv = batch(seed=seed)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        with EntropyTracer(model, config=config).step(ids, attn, resp, advantages=adv, **step_kw) as step:
+            pg_loss(model(input_ids=ids, attention_mask=attn).logits, ids, resp, adv, resp.sum()).backward()
+            opt.step()
+            yield step
+
+    return update
+
+
 @pytest.mark.parametrize("left_pad", [False, True])
 def test_delta_entropy_matches_independent_recomputation(left_pad, make_tiny_lm):
     model = make_tiny_lm()
@@ -96,13 +118,9 @@ def test_gradient_accumulation_equals_one_batch(make_tiny_lm):
         np.testing.assert_allclose(full[col], acc[col], atol=1e-6, rtol=1e-5, err_msg=col)
 
 
-def test_logit_grad_equals_softmax_for_weighted_logprob_loss_with_sgd(make_tiny_lm):
-    model = make_tiny_lm(seed=4)
-    ids, attn, resp, adv = batch(seed=4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with EntropyTracer(model).step(ids, attn, resp, advantages=adv) as step:
-        pg_loss(model(input_ids=ids, attention_mask=attn).logits, ids, resp, adv, resp.sum()).backward()
-        opt.step()
+def test_logit_grad_equals_softmax_for_weighted_logprob_loss_with_sgd(sgd_update):
+    with sgd_update(seed=4, lr=0.1) as step:
+        pass
     df = step.records
     np.testing.assert_allclose(df.omega_logit_grad, df.omega_softmax, rtol=1e-4, atol=1e-9)
 
@@ -224,14 +242,8 @@ def test_bad_inputs_give_one_clear_error(make_tiny_lm):
             opt.step()
 
 
-def test_records_save_and_load_with_config(tmp_path, make_tiny_lm):
-    model = make_tiny_lm(seed=11)
-    ids, attn, resp, adv = batch(seed=11)
-    tracer = EntropyTracer(model, config={"method": "grpo", "lr": 0.1})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with tracer.step(ids, attn, resp, advantages=adv, step=3, update=1) as step:
-        pg_loss(model(input_ids=ids, attention_mask=attn).logits, ids, resp, adv, resp.sum()).backward()
-        opt.step()
+def test_records_save_and_load_with_config(tmp_path, sgd_update):
+    with sgd_update(seed=11, lr=0.1, config={"method": "grpo", "lr": 0.1}, step=3, update=1) as step:
         step.annotate(clip_indicator=torch.ones(B, T), intervention_weight=torch.full((B, T), 0.5))
     step.save(tmp_path / "t.parquet")
     df, cfg = load_records(tmp_path / "t.parquet")
@@ -283,13 +295,8 @@ def test_take_rows_is_a_view_for_a_run_of_rows_and_a_copy_otherwise():
     assert take_rows(x, torch.tensor([], dtype=torch.long)).shape == (0, 2)
 
 
-def test_annotations_scalar_rows_and_shape_errors(make_tiny_lm):
-    model = make_tiny_lm(seed=13)
-    ids, attn, resp, adv = batch(seed=13)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with EntropyTracer(model).step(ids, attn, resp, advantages=adv) as step:
-        pg_loss(model(input_ids=ids, attention_mask=attn).logits, ids, resp, adv, resp.sum()).backward()
-        opt.step()
+def test_annotations_scalar_rows_and_shape_errors(sgd_update):
+    with sgd_update(seed=13, lr=0.1) as step:
         step.annotate(intervention_weight=0.5)  # every row
         step.annotate(rows=[1, 2], intervention_weight=0.25, clip_indicator=torch.zeros(2, T))
         with pytest.raises(EntropyLabError, match="must be \\(rows, T\\)"):
