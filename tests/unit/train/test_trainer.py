@@ -9,6 +9,7 @@ with an independent recomputation from the saved weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+import entropy_lab.trainer.update as update_module
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.methods import METHODS, resolve_config
 from entropy_lab.models import load_policy
@@ -292,15 +294,15 @@ def test_nan_loss_after_a_checkpoint_stops_and_keeps_it(
     monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     saved = {}
-    original_forward = Trainer._forward_stats
+    original_forward = update_module.policy_stats
 
-    def poison_forward(self, *args, **kwargs):
-        logprob, *rest = original_forward(self, *args, **kwargs)  # rest: entropy, collision[, old stats]
-        return (logprob * float("nan"), *rest)
+    def poison_forward(*args, **kwargs):
+        stats = original_forward(*args, **kwargs)
+        return dataclasses.replace(stats, logprob=stats.logprob * float("nan"))
 
     def inject(trainer):
         saved.update(state_of(trainer.model))
-        monkeypatch.setattr(Trainer, "_forward_stats", poison_forward)
+        monkeypatch.setattr(update_module, "policy_stats", poison_forward)
 
     _inject_at(monkeypatch, 3, inject)
     out = tmp_path / "run"
