@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from entropy_lab.batch import RolloutBatch
+from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.jvp import jvp_logits
 from entropy_lab.registry import Registry
@@ -62,14 +64,14 @@ class ControlContext:
     response_mask: torch.Tensor  # (b, T) 1 at response tokens
     advantages: torch.Tensor  # (b, T) per-token advantage used by the loss
     forward_kwargs: dict  # further model inputs (position_ids), (b, T) each
-    cfg: object  # the TrainConfig
+    cfg: TrainConfig
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 class Controller:
     """Base: no change. Subclasses override ``before_step`` and, if stateful, the state methods."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
     def before_step(self, ctx: ControlContext) -> dict[str, float]:
@@ -86,23 +88,42 @@ CONTROLLERS: Registry[type[Controller]] = Registry("controller")
 CONTROLLERS.add("none", Controller)
 
 
-def build_controller(cfg) -> Controller:
+def build_controller(cfg: TrainConfig) -> Controller:
     return CONTROLLERS[cfg.controller](cfg)
 
 
-def control_context(trainer, batch, rows: torch.Tensor) -> ControlContext:
-    """The context of the trainer's next optimizer step over rows ``rows`` (b,) of ``batch`` (a RolloutBatch)."""
+def control_context(
+    batch: RolloutBatch,
+    rows: torch.Tensor,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> ControlContext:
+    """The context of the next optimizer step of ``model`` over rows ``rows`` (b,) of ``batch``.
+
+    Args:
+        batch: the step's rollout batch.
+        rows: (b,) the rows of this update.
+        model, optimizer: the policy and the optimizer about to step it.
+        cfg: the run's configuration.
+        autocast: the run's autocast context (``entropy_lab.runtime.autocast``).
+
+    Returns:
+        The ``ControlContext``, its tensors (b, T).
+    """
     ro = batch.rollout
     return ControlContext(
-        model=trainer.model,
-        optimizer=trainer.optimizer,
+        model=model,
+        optimizer=optimizer,
         input_ids=ro.input_ids[rows],
         attention_mask=ro.attention_mask[rows],
         response_mask=ro.response_mask[rows],
         advantages=batch.token_advantages[rows],
         forward_kwargs={"position_ids": ro.position_ids[rows]},
-        cfg=trainer.cfg,
-        autocast=trainer.autocast,
+        cfg=cfg,
+        autocast=autocast,
     )
 
 
@@ -125,7 +146,7 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
 class AdaptiveEntropy(Controller):
     """Skywork-OR1's adaptive entropy coefficient (see the module docstring)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         self.coef = 0.0  # c_k, starts at 0 as in Skywork-OR1
 

@@ -17,17 +17,20 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.stats import gather_logprobs
-from entropy_lab.tasks import Task
+from entropy_lab.tasks import Task, get_task, load_dataset_task
 from entropy_lab.tokenizer import build_char_tokenizer
 
 
@@ -211,3 +214,44 @@ def _supervised_warm_start(task: Task, tokenizer, spec: WarmStartSpec, arch: Tin
             if stats["pass@1"] >= spec.target_pass:
                 break
     return model, info
+
+
+class LoadedPolicy(NamedTuple):
+    """What ``load_policy_and_task`` returns; unpacks as (model, tokenizer, task, warm_start)."""
+
+    model: torch.nn.Module  # on the requested device, in eval mode
+    tokenizer: transformers.PreTrainedTokenizerBase
+    task: Task
+    warm_start: dict  # the warm start's ``info`` (see ``warm_start``); {} for a given model
+
+
+def load_policy_and_task(
+    cfg: TrainConfig, device: torch.device, callback: Callable[[str, dict], None] | None = None
+) -> LoadedPolicy:
+    """The policy and task a configuration names: ``cfg.model`` (a local directory) or the warm start.
+
+    Args:
+        cfg: reads ``model`` (None: the embedded tiny policy, warm-started on ``task``),
+            ``dataset`` (a Parquet task; needs ``model``) and ``task`` (a built-in task name).
+        device: where the policy goes.
+        callback: told ``warm_start`` ({"task"}) and ``warm_start_progress`` ({"step", "total",
+            "loss"}) while a warm start trains or loads.
+
+    Returns:
+        ``LoadedPolicy``; a dataset without a model is one error line.
+    """
+    if cfg.dataset and not cfg.model:
+        raise EntropyLabError(
+            "--dataset needs --model: the embedded tiny policy only knows the built-in tasks"
+        )
+    if cfg.model:
+        model, tokenizer = load_policy(cfg.model, device)
+        task = load_dataset_task(cfg.dataset, tokenizer) if cfg.dataset else get_task(cfg.task)
+        return LoadedPolicy(model, tokenizer, task, {})
+    task = get_task(cfg.task)
+    tell = callback or (lambda event, info: None)
+    tell("warm_start", {"task": task.name})
+    model, tokenizer, info = warm_start(
+        task, progress=lambda s, n, loss: tell("warm_start_progress", {"step": s, "total": n, "loss": loss})
+    )
+    return LoadedPolicy(model.to(device), tokenizer, task, info)

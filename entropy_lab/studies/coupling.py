@@ -41,12 +41,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from entropy_lab import models
 from entropy_lab.analyses.decomposition import decomposition_summary
 from entropy_lab.analyses.tightness import MEASURED, as_float, default_noise_floor, fit_statistics
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import LossInputs, compute_loss
 from entropy_lab.optim import OPTIMIZERS, build_optimizer
+from entropy_lab.runtime import pick_device
 from entropy_lab.stats import gather_logprobs
 from entropy_lab.trace.tracer import EntropyTracer
 
@@ -119,16 +121,10 @@ class StudyBatch:
 
 
 def load_policy_and_task(cfg: CouplingStudyConfig):
-    """(model, tokenizer, task): the given model directory, else the task's warm start."""
-    from entropy_lab.models import load_policy, warm_start
-    from entropy_lab.tasks import get_task
-
-    task = get_task(cfg.task)
-    if cfg.model:
-        model, tokenizer = load_policy(cfg.model)
-    else:
-        model, tokenizer, _ = warm_start(task)
-    return model.eval(), tokenizer, task
+    """(model, tokenizer, task) on the CPU (``draw_batch`` moves the model): the given model
+    directory, else the task's warm start (``models.load_policy_and_task``)."""
+    loaded = models.load_policy_and_task(TrainConfig(task=cfg.task, model=cfg.model), torch.device("cpu"))
+    return loaded.model, loaded.tokenizer, loaded.task
 
 
 def draw_batch(model, tokenizer, task, cfg: CouplingStudyConfig, device: torch.device) -> StudyBatch:
@@ -233,8 +229,6 @@ def run_coupling_study(cfg: CouplingStudyConfig, callback: Callback | None = Non
     columns when traced) with the setting in front: ``optimizer``, ``lr``,
     ``tokens_per_update``; ``update`` numbers the updates of a setting.
     """
-    from entropy_lab.trainer.loop import pick_device
-
     callback = callback or (lambda event, info: None)
     device = pick_device(cfg.device)
     model, tokenizer, task = load_policy_and_task(cfg)

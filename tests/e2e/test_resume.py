@@ -171,7 +171,7 @@ PHASE_SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
 
-    import entropy_lab.trainer.loop as trainer_module
+    import entropy_lab.models as models_module
     from tiny_training import SMALL, TINY_SPEC, digit_reward
     from entropy_lab.methods import resolve_config
     from entropy_lab.models import WarmStartSpec, warm_start
@@ -182,7 +182,7 @@ PHASE_SCRIPT = textwrap.dedent(
     ArithmeticTask.reward = digit_reward
     # the embedded policy's real warm start, shrunk to a few SFT steps
     spec = WarmStartSpec(batch_size=16, max_steps=6, check_every=6, probe_prompts=8, target_pass=1.0)
-    trainer_module.warm_start = functools.partial(warm_start, spec=spec, arch=TINY_SPEC)
+    models_module.warm_start = functools.partial(warm_start, spec=spec, arch=TINY_SPEC)
     cfg = resolve_config("grpo", {**SMALL, "steps": 5, "checkpoint_every": 2, "eval_every": 3,
                                   "trace_every": 2, "mini_batches": 2})
 

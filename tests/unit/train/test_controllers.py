@@ -7,16 +7,19 @@ import pytest
 import torch
 from test_jvp import _batch, _pg_loss
 
+from entropy_lab.batch import RolloutBatch
 from entropy_lab.config import TrainConfig
 from entropy_lab.controllers import (
     AdaptiveEntropy,
     ControlContext,
     EntropyTarget,
     choose_scales,
+    control_context,
     predicted_mean_change,
     update_parts,
 )
 from entropy_lab.methods import METHODS, resolve_config
+from entropy_lab.rollout import Rollout
 from entropy_lab.runs import RunDir
 from entropy_lab.stats import entropy_from_logits, token_stats
 from entropy_lab.tabular import TabularPolicy
@@ -57,6 +60,27 @@ def _ctx(model, opt, ids, resp, adv, cfg):
         forward_kwargs={},
         cfg=cfg,
     )
+
+
+def test_control_context_holds_the_rows_of_the_update():
+    ids, resp, adv = _batch(11)  # (6, 10), (6, 10), (6,)
+    B, T = ids.shape
+    position_ids = torch.arange(T).repeat(B, 1) + 100 * torch.arange(B)[:, None]  # row-tagged
+    ro = Rollout(ids, torch.ones_like(ids), position_ids, resp, torch.arange(B), [""] * B)
+    zeros = torch.zeros(B, T)
+    batch = RolloutBatch(ro, torch.zeros(B), adv, zeros, zeros, zeros)
+    model = TabularPolicy(11, max_states=128, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = TrainConfig(controller="entropy-target")
+    rows = torch.tensor([4, 1])
+    ctx = control_context(batch, rows, model=model, optimizer=opt, cfg=cfg)
+    assert ctx.model is model and ctx.optimizer is opt and ctx.cfg is cfg
+    for i, r in enumerate((4, 1)):
+        assert torch.equal(ctx.input_ids[i], ids[r]) and torch.equal(ctx.response_mask[i], resp[r])
+        assert torch.equal(ctx.forward_kwargs["position_ids"][i], position_ids[r])
+        # the sequence advantage on its response tokens, 0 on the prompt
+        expected = torch.where(resp[r] > 0, adv[r], torch.zeros((), dtype=adv.dtype))
+        assert torch.equal(ctx.advantages[i], expected.to(ctx.advantages.dtype))
 
 
 def _grads(model, ids, resp, adv):

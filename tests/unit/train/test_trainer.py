@@ -9,6 +9,7 @@ with an independent recomputation from the saved weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+import entropy_lab.trainer.update as update_module
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.methods import METHODS, resolve_config
 from entropy_lab.models import load_policy
@@ -24,6 +26,7 @@ from entropy_lab.records import COLUMNS, load_records
 from entropy_lab.runs import RunDir
 from entropy_lab.tasks.arithmetic import ArithmeticTask
 from entropy_lab.trainer import Trainer
+from entropy_lab.trainer.resume import TrainerState
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -103,6 +106,33 @@ def test_checkpoint_at_the_last_step(trained):
     ckpt = run.checkpoint_path(2)
     assert (ckpt / "trainer_state.pt").is_file() and (ckpt / "model" / "config.json").is_file()
     assert sorted(run.checkpoints()) == [2]
+
+
+@pytest.mark.parametrize("trained", ["grpo"], indirect=True)
+def test_trainer_state_keeps_its_checkpoint_layout_and_old_checkpoints_load(trained, tmp_path):
+    cfg, run, _ = trained
+    state = torch.load(run.checkpoint_path(2) / "trainer_state.pt", weights_only=True)
+    # the layout every checkpoint so far was written with
+    assert list(state) == ["step", "optimizer", "scheduler", "rng", "config", "controller"]
+    assert list(state["rng"])[:5] == ["torch", "numpy", "python", "shuffle", "loss"]
+    assert state["step"] == 2 and state["config"] == cfg.to_dict()
+
+    trainer = Trainer(cfg, tmp_path / "probe")
+    assert "not set up" in repr(trainer)
+    trainer.setup(create_run=False)
+    # a checkpoint from before controllers: no "controller" entry
+    old = {k: v for k, v in state.items() if k != "controller"}
+    assert trainer._apply_state(TrainerState.from_dict(old)) == 2
+    assert torch.equal(trainer.streams.shuffle_gen.get_state(), state["rng"]["shuffle"])
+    assert torch.equal(trainer.streams.loss_gen.get_state(), state["rng"]["loss"])
+    assert trainer.streams.np_rng.bit_generator.state == state["rng"]["numpy"]
+    assert trainer.scheduler.state_dict() == state["scheduler"]
+    # written back, it is the file's dict again (the controller's empty state filled in)
+    again = trainer.trainer_state(2)
+    assert list(again) == list(state) and again["controller"] == {} and again["config"] == state["config"]
+    text = repr(trainer)
+    for part in ("'grpo'", "'arithmetic'", "device=cpu", "step=2/2", str(tmp_path / "probe")):
+        assert part in text, (part, text)
 
 
 @pytest.mark.parametrize("trained", ["steer"], indirect=True)
@@ -292,15 +322,15 @@ def test_nan_loss_after_a_checkpoint_stops_and_keeps_it(
     monkeypatch, tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
 ):
     saved = {}
-    original_forward = Trainer._forward_stats
+    original_forward = update_module.policy_stats
 
-    def poison_forward(self, *args, **kwargs):
-        logprob, *rest = original_forward(self, *args, **kwargs)  # rest: entropy, collision[, old stats]
-        return (logprob * float("nan"), *rest)
+    def poison_forward(*args, **kwargs):
+        stats = original_forward(*args, **kwargs)
+        return dataclasses.replace(stats, logprob=stats.logprob * float("nan"))
 
     def inject(trainer):
         saved.update(state_of(trainer.model))
-        monkeypatch.setattr(Trainer, "_forward_stats", poison_forward)
+        monkeypatch.setattr(update_module, "policy_stats", poison_forward)
 
     _inject_at(monkeypatch, 3, inject)
     out = tmp_path / "run"
