@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -85,7 +86,9 @@ register_named_model(
 
 def model_forms() -> str:
     """The accepted forms of ``--model``, for help texts and error lines."""
-    return f"a local Hugging Face directory, a hub id (org/name), a .gguf file, or {' or '.join(NAMED_MODELS)}"
+    return (
+        f"a local Hugging Face directory, a hub id (org/name), a .gguf file, or {' or '.join(NAMED_MODELS)}"
+    )
 
 
 def resolve_model(source: str | os.PathLike) -> str:
@@ -114,7 +117,9 @@ def resolve_model(source: str | os.PathLike) -> str:
     if HUB_ID.fullmatch(text) and ".." not in text:
         return hub_model(text)
     if os.sep in text or "/" in text or text.startswith((".", "~")) or path.suffix.lower() == ".gguf":
-        raise EntropyLabError(f"{text} does not exist: it is not a Hugging Face model directory or a .gguf file")
+        raise EntropyLabError(
+            f"{text} does not exist: it is not a Hugging Face model directory or a .gguf file"
+        )
     raise EntropyLabError(f"unknown model {text!r}: give {model_forms()}")
 
 
@@ -169,7 +174,9 @@ def hub_model(repo_id: str) -> str:
             "(`hf auth login`)"
         ) from None
     except EntryNotFoundError:
-        raise EntropyLabError(f"the hub repository {repo_id} has no config.json: not a transformers model") from None
+        raise EntropyLabError(
+            f"the hub repository {repo_id} has no config.json: not a transformers model"
+        ) from None
     except HFValidationError as exc:
         raise EntropyLabError(f"{repo_id} is not a valid hub id: {str(exc).splitlines()[0]}") from None
     return repo_id
@@ -194,7 +201,11 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     if is_valid_conversion(final, source_sha):
         return final
     why = "its cached copy failed its check" if final.exists() else "once"
-    print(f"converting {gguf.name} to a Hugging Face model in {final} ({why}; up to a minute) ...", file=sys.stderr, flush=True)
+    print(
+        f"converting {gguf.name} to a Hugging Face model in {final} ({why}; up to a minute) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")  # never read: not ``final``
     try:
@@ -223,9 +234,11 @@ def require_gguf_packages() -> None:
     """One error line naming the pip command when transformers' GGUF loading cannot work here."""
     for module in ("gguf", "accelerate"):
         try:
-            __import__(module)
+            importlib.import_module(module)
         except ImportError:
-            raise EntropyLabError(f"loading a .gguf file needs the {module} package: {GGUF_INSTALL}") from None
+            raise EntropyLabError(
+                f"loading a .gguf file needs the {module} package: {GGUF_INSTALL}"
+            ) from None
 
 
 def build_conversion(gguf: Path, out: Path) -> dict[str, str]:

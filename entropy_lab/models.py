@@ -91,7 +91,9 @@ def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
 
     where = resolve_model(path)  # a local directory, or a hub id whose config.json is cached
     try:
-        tokenizer = load_tokenizer(Path(where)) if Path(where).is_dir() else AutoTokenizer.from_pretrained(where)
+        tokenizer = (
+            load_tokenizer(Path(where)) if Path(where).is_dir() else AutoTokenizer.from_pretrained(where)
+        )
         model = AutoModelForCausalLM.from_pretrained(where)
     except (OSError, ValueError, KeyError) as exc:
         raise EntropyLabError(f"could not load the model in {where}: {str(exc).splitlines()[0]}") from None

@@ -157,7 +157,8 @@ def test_the_gguf_file_converts_to_a_directory_with_its_logits(converted, gguf_f
     assert where == cache / "models" / f"tiny-llama.F32-{sha[:12]}"
     manifest = json.loads((where / MANIFEST).read_text())
     assert manifest["source"]["sha256"] == sha
-    assert manifest["files"]["model.safetensors"] == hashlib.sha256((where / "model.safetensors").read_bytes()).hexdigest()
+    weights_sha = hashlib.sha256((where / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["files"]["model.safetensors"] == weights_sha
     assert "quantization_config" not in json.loads((where / "config.json").read_text())
     assert not [p for p in where.parent.iterdir() if p.name.startswith(".")]  # no temporary sibling left
 
@@ -211,7 +212,9 @@ def test_a_damaged_conversion_is_not_valid(converted, gguf_file, tmp_path, damag
     assert not is_valid_conversion(where, sha)
 
 
-def test_a_corrupted_cached_directory_is_rebuilt(converted, gguf_file, reference, tmp_path, monkeypatch, capsys):
+def test_a_corrupted_cached_directory_is_rebuilt(
+    converted, gguf_file, reference, tmp_path, monkeypatch, capsys
+):
     import shutil
 
     cache = tmp_path / "cache"
