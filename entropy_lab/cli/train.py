@@ -15,13 +15,16 @@ from entropy_lab.config import parse_overrides
 from entropy_lab.errors import EntropyLabError, EntropyLabWarning
 from entropy_lab.formatting import format_number
 from entropy_lab.methods import resolve_config
+from entropy_lab.model_sources import model_forms
+
+MODEL_HELP = f"Causal LM to train: {model_forms()} (default: the embedded tiny policy)."
 
 
 def build_config(
     method: str,
     task: str | None,
     dataset: Path | None,
-    model: Path | None,
+    model: str | None,
     steps: int | None,
     seed: int | None,
     sets: list[str] | None,
@@ -79,7 +82,7 @@ def train(
     ] = "grpo",
     task: Annotated[str | None, typer.Option(help="Built-in task (countdown, arithmetic).")] = None,
     dataset: Annotated[Path | None, typer.Option(help="verl-format Parquet file (needs --model).")] = None,
-    model: Annotated[Path | None, typer.Option(help="Local Hugging Face causal LM directory.")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     steps: Annotated[int | None, typer.Option(help="RL steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     sets: SetOption = None,

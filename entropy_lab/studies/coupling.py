@@ -75,7 +75,7 @@ class CouplingStudyConfig:
     task: str = "countdown"
     """Built-in task the rollout batch is drawn from."""
     model: str | None = None
-    """A local model directory (``save_pretrained``); None = the task's cached warm start."""
+    """Any ``--model`` form (``entropy_lab.model_sources``); None = the task's cached warm start."""
     prompts: int = 32
     """Prompts in the rollout batch (the trainer's default ``prompts_per_step``)."""
     samples_per_prompt: int = 8
