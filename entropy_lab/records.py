@@ -6,6 +6,10 @@ The ``predicted`` group lists the built-in estimators' columns, which every reco
 has; records may carry more columns: one ``omega_<name>`` per further registered
 estimator, and any other column a producer adds. Readers find the predicted columns
 with ``predicted_columns``.
+
+The constants both sides of the contract share live here too, torch-free: the four
+factors of the closed form (``FACTORS``) and the sign(A) x sign(l_a) quadrants with their
+first-order direction (``QUADRANTS``, ``THEORY_SIGN``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,26 @@ COLUMNS: tuple[str, ...] = tuple(c for group in COLUMN_GROUPS.values() for c in 
 INT_COLUMNS = ("step", "update", "sample", "position", "token_id")
 METADATA_KEY = b"entropy_lab"
 PREDICTED_PREFIX = "omega_"
+
+FACTORS: dict[str, str] = {
+    "weight": "weight",
+    "probability": "prob",
+    "surprisal": "surprisal",
+    "entropy": "entropy_before",
+}
+"""The four factors of the closed form (docs/theory.md sections 1-3): factor name -> record column."""
+
+QUADRANTS: tuple[tuple[str, int, int, str], ...] = (
+    ("A>0, l>0", 1, 1, "falls"),
+    ("A>0, l<0", 1, -1, "rises"),
+    ("A<0, l>0", -1, 1, "rises"),
+    ("A<0, l<0", -1, -1, "falls"),
+    ("A=0", 0, 0, "flat"),
+)
+"""(label, sign of A, sign of l_a = log pi_a + H, first-order direction of the entropy change)."""
+
+THEORY_SIGN: dict[str, float] = {"falls": -1.0, "rises": 1.0}
+"""Sign of the entropy change each quadrant's first-order direction predicts ("flat" has none)."""
 
 
 def predicted_column(estimator: str) -> str:
