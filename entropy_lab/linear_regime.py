@@ -12,7 +12,7 @@ given ``eta_grid``, calls ``record_eta_sweep``: dtheta = the optimizer's next st
 every parameter slot temporarily holding theta + eta dtheta (``shifted_parameters``: one
 shifted tensor per parameter, the originals put back in ``finally``; no model copy), and one
 forward-mode pass for H(z + eta J dtheta). The results ride along in the records as extra
-columns ``regime@<eta>:<quantity>``; ``regime_table`` turns them into, per eta, each
+columns ``regime@<eta>:<quantity>``; ``analyses.regime.regime_table`` turns them into, per eta, each
 estimator's Pearson and least-squares gain (predictions scaled by eta, so a first-order
 estimator has gain -> 1 as eta -> 0) and the shares of curvature and coupling.
 
@@ -27,30 +27,22 @@ Simplifications: one traced update; predictions of the linear estimators are sca
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from entropy_lab.analyses.regime import regime_table
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.jvp import jvp_estimates, tangent_of, tangent_parameters
-from entropy_lab.records import predicted_columns
+from entropy_lab.records import regime_column
 from entropy_lab.stats import entropy_change_stats
 from entropy_lab.update_predict import Update, predict_update
 
 DEFAULT_ETAS: tuple[float, ...] = tuple(2.0**k for k in range(-6, 2))
 """1/64, 1/32, ..., 1, 2: multiples of the actual step."""
-
-_COLUMN = re.compile(r"^regime@(?P<eta>[^:]+):(?P<quantity>\w+)$")
-QUANTITIES = ("delta_entropy", "delta_logit_linear", "jvp_entropy")
-
-
-def regime_column(eta: float, quantity: str) -> str:
-    return f"regime@{eta!r}:{quantity}"
 
 
 @contextlib.contextmanager
@@ -104,67 +96,6 @@ def record_eta_sweep(
     for eta in etas:
         cols[regime_column(eta, "jvp_entropy")] = jvp_cols[eta]
     return cols
-
-
-def sweep_long(records: pd.DataFrame) -> pd.DataFrame:
-    """The ``regime@`` columns of ``records`` as a long table: token, eta and one column per quantity."""
-    parts: dict[float, dict[str, np.ndarray]] = {}
-    for col in records.columns:
-        m = _COLUMN.match(str(col))
-        if m:
-            parts.setdefault(float(m["eta"]), {})[m["quantity"]] = records[col].to_numpy()
-    if not parts:
-        raise EntropyLabError(
-            "these records hold no eta sweep: trace with EntropyTracer(..., eta_grid=...) "
-            "or `entropy-lab trace --run CKPT --eta-sweep`"
-        )
-    frames = [
-        pd.DataFrame({"token": np.arange(len(records)), "eta": eta, **q}) for eta, q in sorted(parts.items())
-    ]
-    return pd.concat(frames, ignore_index=True)
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 2 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
-        return float("nan")
-    return float(np.corrcoef(x[ok], y[ok])[0, 1])
-
-
-def _gain(measured: np.ndarray, pred: np.ndarray) -> float:
-    ok = np.isfinite(measured) & np.isfinite(pred)
-    den = float((pred[ok] ** 2).sum())
-    return float((measured[ok] * pred[ok]).sum() / den) if den > 0 else float("nan")
-
-
-def regime_table(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(tightness, shares) per eta from records carrying a sweep.
-
-    tightness: eta, estimator, pearson, gain (of the eta-scaled prediction against the measured
-    change at eta). shares: eta, curvature, coupling_raw, coupling_calibrated, logit_grad_gain.
-    """
-    long = sweep_long(records)
-    omegas = {c: records[c].to_numpy() for c in predicted_columns(records) if c != "omega_jvp_entropy"}
-    rows, shares = [], []
-    for eta, part in long.groupby("eta", sort=True):
-        dh = part["delta_entropy"].to_numpy()
-        preds = {c.removeprefix("omega_").replace("_", "-"): eta * v for c, v in omegas.items()}
-        preds["jvp-entropy"] = part["jvp_entropy"].to_numpy()
-        for name, pred in preds.items():
-            rows.append(
-                {"eta": eta, "estimator": name, "pearson": _pearson(pred, dh), "gain": _gain(dh, pred)}
-            )
-        lin = part["delta_logit_linear"].to_numpy()
-        norm = float(np.nansum(dh**2))
-        row = {"eta": eta, "curvature": float(np.nansum((dh - lin) ** 2)) / norm if norm > 0 else np.nan}
-        if "logit-grad" in preds:
-            lg = preds["logit-grad"]
-            g = _gain(lin, lg)
-            row["coupling_raw"] = float(np.nansum((lin - lg) ** 2)) / norm if norm > 0 else np.nan
-            row["coupling_calibrated"] = float(np.nansum((lin - g * lg) ** 2)) / norm if norm > 0 else np.nan
-            row["logit_grad_gain"] = g
-        shares.append(row)
-    return pd.DataFrame(rows), pd.DataFrame(shares)
 
 
 def sweep_checkpoint(run, step: int | None = None, etas: Sequence[float] = DEFAULT_ETAS, callback=None):

@@ -8,9 +8,10 @@ import torch
 from test_jvp import LinearSoftmaxLM, _batch, _pg_loss
 from typer.testing import CliRunner
 
+from entropy_lab.analyses.regime import regime_table, sweep_long
 from entropy_lab.cli.app import app
-from entropy_lab.errors import EntropyLabError
-from entropy_lab.linear_regime import regime_column, regime_table, shifted_parameters, sweep_long
+from entropy_lab.linear_regime import shifted_parameters
+from entropy_lab.records import regime_column
 from entropy_lab.runs import RunDir
 from entropy_lab.trace import EntropyTracer
 from entropy_lab.trainer import Trainer
@@ -90,11 +91,6 @@ def test_transformer_curvature_vanishes_as_eta_shrinks_coupling_does_not(make_ti
     assert jvp.loc[1 / 64, "pearson"] > jvp.loc[2.0, "pearson"]
     assert softmax.loc[1 / 64, "pearson"] < 0.9  # the tabular form stays loose however small the step
     assert len(sweep_long(df)) == len(ETAS) * len(df)
-
-
-def test_records_without_a_sweep_give_one_clear_error():
-    with pytest.raises(EntropyLabError, match="--eta-sweep"):
-        sweep_long(__import__("pandas").DataFrame({"delta_entropy": [0.0]}))
 
 
 def test_cli_eta_sweep_from_a_checkpoint(
