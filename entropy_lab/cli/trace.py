@@ -47,11 +47,14 @@ def locate(path: Path) -> tuple[RunDir, int | None]:
 
 
 def print_trace_tables(tables: dict, label: str) -> None:
-    """Every registered report entry that has a terminal view, in report order."""
+    """Every registered report entry that has a terminal view, in report order.
+
+    An entry whose table function gave no table for these records (``trace_tables`` left it out) is skipped.
+    """
     from entropy_lab.report.entries import REPORT_ENTRIES
 
     for entry in REPORT_ENTRIES.values():
-        if entry.terminal is not None:
+        if entry.terminal is not None and (entry.table is None or entry.name in tables):
             print_table(
                 tables.get(entry.name), f"{label}: {entry.terminal.title}", list(entry.terminal.columns)
             )

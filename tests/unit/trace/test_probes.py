@@ -294,3 +294,8 @@ def test_cli_eta_sweep_from_a_checkpoint(
     payload = json.loads(as_json.output[as_json.output.index("{") :])
     assert set(payload) == {"tightness", "shares", "figure"}
     assert {row["eta"] for row in payload["shares"]} == set(DEFAULT_ETAS)
+    # the sweep directory is a run: analysing it reaches the linear regime through the report registry
+    analysed = CliRunner().invoke(app, ["trace", "--run", str(swept.path)])
+    assert analysed.exit_code == 0, analysed.output
+    assert "coupling_calibrated" in analysed.output  # the shares' terminal view
+    assert "## The linear regime" in swept.report_path.read_text()
