@@ -190,6 +190,10 @@ class TrainConfig:
     trace_jvp: bool = False
     """Also record the jvp estimators (omega_jvp, omega_jvp_entropy) in traced steps: the logit change
     J . dtheta the optimizer's actual step predicts, by one forward-mode pass (about 3x a forward)."""
+    trace_eta_grid: Annotated[str | None, OneOf(pattern=r"[\d.e+-]+(,[\d.e+-]+)*")] = None
+    """Also measure the traced tokens' entropy at theta + eta dtheta in traced steps, for these positive
+    multiples eta of the actual step, comma-separated (e.g. 0.25,0.5,1): regime@ columns, tabled by
+    ``entropy_lab.analyses.regime``; one no-grad forward per eta plus one forward-mode pass. None: no sweep."""
     controller: str = "none"
     """Entropy controller consulted before each optimizer step (``entropy_lab.controllers``): none,
     adaptive-entropy or entropy-target."""

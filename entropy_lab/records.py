@@ -4,14 +4,19 @@ Column names are a public contract. A trace file is Parquet, one per traced upda
 (or per step), with the run configuration as JSON in the file's schema metadata.
 The ``predicted`` group lists the built-in estimators' columns, which every record
 has; records may carry more columns: one ``omega_<name>`` per further registered
-estimator, and any other column a producer adds. Readers find the predicted columns
-with ``predicted_columns``.
+estimator, the ``regime@<eta>:<quantity>`` columns of an eta sweep, and any other column
+a producer adds. Readers find the predicted columns with ``predicted_columns``.
+
+The constants both sides of the contract share live here too, torch-free: the four
+factors of the closed form (``FACTORS``) and the sign(A) x sign(l_a) quadrants with their
+first-order direction (``QUADRANTS``, ``THEORY_SIGN``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +51,30 @@ INT_COLUMNS = ("step", "update", "sample", "position", "token_id")
 METADATA_KEY = b"entropy_lab"
 PREDICTED_PREFIX = "omega_"
 
+FACTORS: dict[str, str] = {
+    "weight": "weight",
+    "probability": "prob",
+    "surprisal": "surprisal",
+    "entropy": "entropy_before",
+}
+"""The four factors of the closed form (docs/theory.md sections 1-3): factor name -> record column."""
+
+QUADRANTS: tuple[tuple[str, int, int, str], ...] = (
+    ("A>0, l>0", 1, 1, "falls"),
+    ("A>0, l<0", 1, -1, "rises"),
+    ("A<0, l>0", -1, 1, "rises"),
+    ("A<0, l<0", -1, -1, "falls"),
+    ("A=0", 0, 0, "flat"),
+)
+"""(label, sign of A, sign of l_a = log pi_a + H, first-order direction of the entropy change)."""
+
+THEORY_SIGN: dict[str, float] = {"falls": -1.0, "rises": 1.0}
+"""Sign of the entropy change each quadrant's first-order direction predicts ("flat" has none)."""
+
+REGIME_COLUMN = re.compile(r"^regime@(?P<eta>[^:]+):(?P<quantity>\w+)$")
+"""Matches a column of ``regime_column``; groups ``eta`` and ``quantity`` (an eta sweep records
+``delta_entropy``, ``delta_logit_linear`` and ``jvp_entropy`` per eta)."""
+
 
 def predicted_column(estimator: str) -> str:
     """Record column of an estimator: 'sampled-logit' -> 'omega_sampled_logit'."""
@@ -55,6 +84,11 @@ def predicted_column(estimator: str) -> str:
 def estimator_name(column: str) -> str:
     """The estimator of a predicted column: 'omega_sampled_logit' -> 'sampled-logit'."""
     return column.removeprefix(PREDICTED_PREFIX).replace("_", "-")
+
+
+def regime_column(eta: float, quantity: str) -> str:
+    """Record column of one eta-sweep quantity: (0.25, 'delta_entropy') -> 'regime@0.25:delta_entropy'."""
+    return f"regime@{eta!r}:{quantity}"
 
 
 def predicted_columns(columns) -> list[str]:

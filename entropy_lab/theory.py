@@ -95,10 +95,6 @@ Estimator = Callable[[TokenQuantities], torch.Tensor]
 """Maps the quantities of n tokens to omega, (n,)."""
 
 
-column_name = predicted_column
-"""Trace column of an estimator: 'sampled-logit' -> 'omega_sampled_logit' (the record contract's rule)."""
-
-
 @dataclass(frozen=True)
 class EstimatorSpec:
     """A registered estimator: its function and the inputs it cannot do without.
@@ -118,7 +114,7 @@ class EstimatorSpec:
     @property
     def column(self) -> str:
         """The trace-record column: ``omega_`` + name with '-' as '_'."""
-        return column_name(self.name)
+        return predicted_column(self.name)
 
     def missing(self, q: TokenQuantities) -> list[str]:
         """The required inputs ``q`` lacks."""
@@ -131,7 +127,7 @@ ESTIMATORS: Registry[EstimatorSpec] = Registry("estimator")
 def register_estimator(name: str, requires: Iterable[str] = ()) -> Callable[[Estimator], Estimator]:
     """Decorator: register an estimator under ``name`` (kebab-case), needing the inputs ``requires``.
 
-    The trace records gain the column ``column_name(name)``; the analyses, figures and
+    The trace records gain the column ``predicted_column(name)``; the analyses, figures and
     reports pick it up from there. Underscores are refused so that the column maps back to
     one name.
     """
@@ -233,36 +229,3 @@ def omega_paper_appendix(q: TokenQuantities) -> torch.Tensor:
 def predict_all(q: TokenQuantities) -> dict[str, torch.Tensor]:
     """Every registered estimator whose required inputs ``q`` has: name -> (n,) omega."""
     return {name: spec(q) for name, spec in ESTIMATORS.items() if not spec.missing(q)}
-
-
-# --- factors and quadrants -------------------------------------------------------------
-
-FACTORS = ("weight", "probability", "surprisal", "entropy")
-"""The four factors of the paper used to slice residuals (trace columns weight, prob, surprisal, entropy_before)."""
-
-FACTOR_COLUMNS = {
-    "weight": "weight",
-    "probability": "prob",
-    "surprisal": "surprisal",
-    "entropy": "entropy_before",
-}
-
-
-def factor_table(q: TokenQuantities) -> dict[str, torch.Tensor]:
-    """The four factors per token: weight w (signed), probability pi_a, surprisal -log pi_a, entropy H."""
-    return {"weight": q.weight, "probability": q.prob, "surprisal": -q.logprob, "entropy": q.entropy}
-
-
-def quadrant_labels(advantage: torch.Tensor, l_a: torch.Tensor) -> list[str]:
-    """sign(A) x sign(l_a) per token, e.g. 'A>0, l>0'; A == 0 or l_a == 0 gives '0'."""
-    out = []
-    for a, l in zip(advantage.tolist(), l_a.tolist(), strict=True):
-        if a == 0 or l == 0:
-            out.append("0")
-        else:
-            out.append(f"A{'>' if a > 0 else '<'}0, l{'>' if l > 0 else '<'}0")
-    return out
-
-
-QUADRANT_THEORY = {"A>0, l>0": "falls", "A<0, l<0": "falls", "A>0, l<0": "rises", "A<0, l>0": "rises"}
-"""First-order direction of the entropy change per quadrant."""

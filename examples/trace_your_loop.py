@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import transformers
 from scipy import stats
 
-from entropy_lab.theory import ESTIMATORS, column_name
+from entropy_lab.records import predicted_column
+from entropy_lab.theory import ESTIMATORS
 from entropy_lab.trace import EntropyTracer
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "traces/step_000000.parquet")
@@ -83,7 +84,8 @@ dH = df.delta_entropy.to_numpy()
 above = np.abs(dH) > NOISE_FLOOR
 print(f"sign agreement over the {above.sum()} tokens with |dH| > {NOISE_FLOOR:g} nats")
 print(f"{'estimator':<15}{'pearson':>9}{'spearman':>10}{'gain':>11}{'sign agree':>12}")
-computed = [(n, column_name(n)) for n in ESTIMATORS if column_name(n) in df.columns]  # opt-in ones absent
+# estimators that were not computed (opt-in ones) have no column
+computed = [(n, predicted_column(n)) for n in ESTIMATORS if predicted_column(n) in df.columns]
 for name, col in computed + [("(logit-linear)", "delta_logit_linear")]:
     omega = df[col].to_numpy()
     gain = (dH * omega).sum() / (omega**2).sum()  # least squares dH ~ g * omega

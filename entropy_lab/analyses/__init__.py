@@ -9,13 +9,17 @@ contract of docs/theory.md section 10. When records of several runs are concaten
 - ``residuals``: residuals per quantile bin of weight, probability, surprisal, entropy.
 - ``decomposition``: the identity dH = first order + coupling + curvature, and omission.
 - ``quadrants``: sign(A) x sign(l_a) table against first-order theory.
+- ``regime``: the linear regime, per multiple eta of the step, from an eta sweep's records.
 - ``compare``: per-method summaries and curves of training metrics across seeds.
 """
 
+from entropy_lab.records import FACTORS, QUADRANTS
+
 from .compare import compare_runs, curves, pass_at_k_columns, run_summary, t_interval
 from .decomposition import decompose, decomposition_summary
-from .quadrants import QUADRANTS, quadrants
-from .residuals import FACTORS, factor_variance_share, residuals_by_factor
+from .quadrants import quadrants
+from .regime import has_sweep, regime_shares, regime_table, regime_tightness, sweep_long
+from .residuals import factor_variance_share, residuals_by_factor
 from .tightness import (
     ESTIMATOR_COLUMNS,
     available_estimators,
@@ -35,10 +39,15 @@ __all__ = [
     "decomposition_summary",
     "estimator_column",
     "factor_variance_share",
+    "has_sweep",
     "pass_at_k_columns",
     "quadrants",
+    "regime_shares",
+    "regime_table",
+    "regime_tightness",
     "residuals_by_factor",
     "run_summary",
+    "sweep_long",
     "t_interval",
     "tightness",
     "tightness_summary",

@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from entropy_lab.records import QUADRANTS, THEORY_SIGN
+
 from .tightness import (
     MEASURED,
     as_float,
@@ -44,15 +46,6 @@ from .tightness import (
     through_origin_gain,
 )
 
-# (label, sign of A, sign of l_a, first-order theory)
-QUADRANTS: tuple[tuple[str, int, int, str], ...] = (
-    ("A>0, l>0", 1, 1, "falls"),
-    ("A>0, l<0", 1, -1, "rises"),
-    ("A<0, l>0", -1, 1, "rises"),
-    ("A<0, l<0", -1, -1, "falls"),
-    ("A=0", 0, 0, "flat"),
-)
-THEORY_SIGN = {"falls": -1.0, "rises": 1.0}
 QUADRANT_COLUMNS = [
     "quadrant",
     "sign_advantage",

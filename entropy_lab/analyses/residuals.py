@@ -26,6 +26,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from entropy_lab.records import FACTORS
+
 from .tightness import (
     MEASURED,
     as_float,
@@ -36,14 +38,6 @@ from .tightness import (
     require_columns,
     through_origin_gain,
 )
-
-FACTORS: dict[str, str] = {
-    "weight": "weight",
-    "probability": "prob",
-    "surprisal": "surprisal",
-    "entropy": "entropy_before",
-}
-"""Factor name -> trace-record column."""
 
 BIN_COLUMNS = [
     "factor",

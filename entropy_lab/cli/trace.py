@@ -1,4 +1,9 @@
-"""`entropy-lab trace --run PATH`: trace an update from a checkpoint, or analyse a run's traces."""
+"""`entropy-lab trace --run PATH`: trace an update from a checkpoint, or analyse a run's traces.
+
+Three modes, one function each: ``analyse_run`` (a run with traces and no checkpoint or
+method asked for), ``retrace_update`` (one update from a checkpoint, tabled on its own) and
+``sweep_update`` (``--eta-sweep``: that update along theta + eta dtheta, the linear regime).
+"""
 
 from __future__ import annotations
 
@@ -42,11 +47,14 @@ def locate(path: Path) -> tuple[RunDir, int | None]:
 
 
 def print_trace_tables(tables: dict, label: str) -> None:
-    """Every registered report entry that has a terminal view, in report order."""
+    """Every registered report entry that has a terminal view, in report order.
+
+    An entry whose table function gave no table for these records (``trace_tables`` left it out) is skipped.
+    """
     from entropy_lab.report.entries import REPORT_ENTRIES
 
     for entry in REPORT_ENTRIES.values():
-        if entry.terminal is not None:
+        if entry.terminal is not None and (entry.table is None or entry.name in tables):
             print_table(
                 tables.get(entry.name), f"{label}: {entry.terminal.title}", list(entry.terminal.columns)
             )
@@ -80,44 +88,48 @@ def trace(
     ] = False,
 ) -> None:
     """Trace one update from a checkpoint and table that update, or analyse a run's existing traces."""
-    from entropy_lab.report.compose import report_json, run_report
-
     if output not in ("table", "json"):
         raise EntropyLabError(f"--format must be table or json, got {output!r}")
     rd, ckpt_step = locate(run)
     rd.read_config()  # one clear error for a missing or malformed run directory
-    if eta_sweep:
-        from entropy_lab.linear_regime import eta_sweep_command
-
-        return eta_sweep_command(rd, step if step is not None else ckpt_step, output)
     if ckpt_step is not None and step is not None and step != ckpt_step:
         raise EntropyLabError(
             f"--run names checkpoint step {ckpt_step} but --step says {step}; give the step once"
         )
-    if ckpt_step is None and step is None and method is None and not jvp and rd.trace_files():
-        result = run_report(rd)  # analyse what training traced
-        n = len(rd.trace_files())
-        if output == "json":
-            print(
-                json.dumps(
-                    {"run": str(rd.path), "scope": "run", "traced_steps": n, **report_json(result["tables"])},
-                    indent=2,
-                )
-            )
-            return
-        console.print(f"{rd.path}: tables pool all {n} traced steps of the run")
-        print_trace_tables(result["tables"], rd.path.name)
-        console.print(f"report: {result['report']}  figures: {rd.figures_dir}")
-        return
+    step = step if step is not None else ckpt_step
+    if eta_sweep:  # the sweep records the jvp estimators anyway
+        sweep_update(rd, step, method, output)
+    elif step is None and method is None and not jvp and rd.trace_files():
+        analyse_run(rd, output)
+    else:
+        retrace_update(rd, step, method, jvp, output)
 
+
+def analyse_run(rd: RunDir, output: str) -> None:
+    """The run's report from the traces training wrote, and its tables pooled over every traced step."""
+    from entropy_lab.report.compose import report_json, run_report
+
+    result = run_report(rd)
+    n = len(rd.trace_files())
+    if output == "json":
+        payload = {"run": str(rd.path), "scope": "run", "traced_steps": n, **report_json(result["tables"])}
+        print(json.dumps(payload, indent=2))
+        return
+    console.print(f"{rd.path}: tables pool all {n} traced steps of the run")
+    print_trace_tables(result["tables"], rd.path.name)
+    console.print(f"report: {result['report']}  figures: {rd.figures_dir}")
+
+
+def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, output: str) -> None:
+    """One traced update from the checkpoint at ``step``: its own tables, and the run's report."""
     from entropy_lab.records import load_records
-    from entropy_lab.report.compose import trace_tables
+    from entropy_lab.report.compose import report_json, run_report, trace_tables
     from entropy_lab.trainer.retrace import trace_checkpoint
 
     quiet_transformers()
     if output == "table":
         console.print(f"tracing one update of {rd.path} from its checkpoint ...")
-    done = trace_checkpoint(rd, step if step is not None else ckpt_step, method, jvp=jvp)
+    done = trace_checkpoint(rd, step, method, jvp=jvp)
     records, _ = load_records(done.trace_path)
     records.insert(0, "run", done.run.path.name)
     records.insert(0, "method", done.method)
@@ -142,3 +154,38 @@ def trace(
         f"report (pools all {n} traced step{'s' if n != 1 else ''} of {done.run.path.name}): "
         f"{result['report']}  figures: {done.run.figures_dir}"
     )
+
+
+def sweep_update(rd: RunDir, step: int | None, method: str | None, output: str) -> None:
+    """One update from the checkpoint at ``step`` swept over eta: the linear-regime tables and figure.
+
+    The update goes to ``run/eta-sweep-step_N`` (``entropy_lab.trainer.retrace``) with the jvp
+    estimators; its tables are ``analyses.regime`` and ``linear_regime.png`` goes to that
+    directory's figures.
+    """
+    from entropy_lab.analyses.regime import regime_table
+    from entropy_lab.figures.regime import linear_regime_figure
+    from entropy_lab.figures.save import save_figure
+    from entropy_lab.records import load_records
+    from entropy_lab.trace.probes import DEFAULT_ETAS
+    from entropy_lab.trainer.retrace import trace_checkpoint
+
+    quiet_transformers()
+    if output == "table":
+        console.print(f"eta sweep of one update of {rd.path} from its checkpoint ...")
+    done = trace_checkpoint(rd, step, method, jvp=True, eta_grid=DEFAULT_ETAS)
+    tightness, shares = regime_table(load_records(done.trace_path)[0])
+    figure = save_figure(linear_regime_figure(tightness, shares), done.run.figures_dir / "linear_regime")[0]
+    if output == "json":
+        payload = {"tightness": tightness.to_dict("records"), "shares": shares.to_dict("records")}
+        print(json.dumps({**payload, "figure": str(figure)}, indent=2))
+        return
+    for values, title in (
+        ("pearson", "linear regime: Pearson per estimator against the measured change at theta + eta dtheta"),
+        ("gain", "linear regime: least-squares gain of the eta-scaled prediction (1 = right scale)"),
+    ):
+        print_table(tightness.pivot(index="eta", columns="estimator", values=values).reset_index(), title)
+    print_table(
+        shares, "linear regime: shares of ||measured||^2 (curvature -> 0 as eta -> 0; coupling stays)"
+    )
+    console.print(f"figure: {figure}")

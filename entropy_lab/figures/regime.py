@@ -1,6 +1,6 @@
 """The linear-regime figure: per multiple eta of the actual step, each estimator's tightness and the residual shares.
 
-Input: the two tables of ``entropy_lab.linear_regime.regime_table``. Three panels over a log
+Input: the two tables of ``entropy_lab.analyses.regime.regime_table``. Three panels over a log
 eta axis: Pearson of each estimator against the measured change at theta + eta dtheta; its
 least-squares gain (1 means right in scale); the shares of curvature and coupling in the
 measured change (curvature falls as eta -> 0, coupling does not).

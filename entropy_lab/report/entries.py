@@ -8,12 +8,14 @@ set is one ``register_report_entry(ReportEntry(...))`` next to the analysis::
 
     register_report_entry(
         ReportEntry(
-            "linear_regime",
-            table=lambda records, estimator: analyses.linear_regime(records),
-            figure=FigureSpec("linear_regime", lambda records, tables: figures.linear_regime(tables["linear_regime"])),
-            section=Section("Linear regime", lambda ctx: "...", columns=["eta", "pearson"]),
+            "tokens_per_step",
+            table=lambda records, estimator: records.groupby("step", as_index=False).size(),
+            figure=FigureSpec("tokens_per_step", lambda records, tables: draw(tables["tokens_per_step"])),
+            section=Section("Tokens per step", "Traced tokens of each step.", figures=("tokens_per_step",)),
         )
     )
+
+A table function returns None where the records lack what it needs (no eta sweep): no table, no section.
 
 Deliberate simplifications:
 
@@ -23,6 +25,7 @@ Deliberate simplifications:
   weighted log-probability loss) when the tracer left ``logit-grad`` all NaN.
 - Sign agreement uses the default noise floor of ``analyses.tightness``: 1e-3 times the
   largest |delta_entropy| of the run.
+- The linear-regime tables pool the tokens of every traced step that carries an eta sweep.
 """
 
 from __future__ import annotations
@@ -38,13 +41,15 @@ from matplotlib.figure import Figure
 import entropy_lab.analyses as analyses
 import entropy_lab.figures as figures
 from entropy_lab.analyses.tightness import NOISE_FLOOR_FRACTION, available_estimators, estimator_column
+from entropy_lab.figures.regime import linear_regime_figure
 from entropy_lab.formatting import finite_values, format_number
 from entropy_lab.registry import Registry
 from entropy_lab.report.markdown import markdown_table
 
 Tables = Mapping[str, pd.DataFrame]
-TableFn = Callable[[pd.DataFrame, str], pd.DataFrame]
-"""(trace records, estimator of the residual and quadrant tables) -> the table."""
+TableFn = Callable[[pd.DataFrame, str], pd.DataFrame | None]
+"""(trace records, estimator of the residual and quadrant tables) -> the table, or None when the
+records lack what it needs (the entry is then left out of the tables and sections)."""
 FigureFn = Callable[[pd.DataFrame, Tables], Figure | None]
 """(trace records, every table so far) -> a figure, or None when there is nothing to show."""
 
@@ -161,6 +166,20 @@ def _decomposition_text(ctx: SectionContext) -> str:
 
 # --- the built-in entries, in report order ----------------------------------------------------
 
+TIGHTNESS_VIEW = [
+    "estimator", "n", "pearson", "spearman", "sign_agreement", "n_above_floor", "gain", "r2",
+    "rmse_calibrated", "sum_measured", "sum_calibrated",
+]  # fmt: skip
+QUADRANTS_VIEW = [
+    "quadrant", "theory", "count", "share", "mean_predicted", "mean_measured", "sign_agreement",
+    "theory_agreement", "softmax_disagreement",
+]  # fmt: skip
+QUADRANTS_TERMINAL_VIEW = [
+    "quadrant", "theory", "count", "mean_predicted", "mean_measured", "sign_agreement", "softmax_disagreement",
+]  # fmt: skip
+REGIME_VIEW = ["eta", "estimator", "pearson", "gain"]
+REGIME_SHARES_VIEW = ["eta", "curvature", "coupling_raw", "coupling_calibrated", "logit_grad_gain"]
+
 register_report_entry(
     ReportEntry(
         "tightness",
@@ -171,19 +190,7 @@ register_report_entry(
         section=Section(
             "Tightness of the first-order estimators",
             _tightness_text,
-            columns=[
-                "estimator",
-                "n",
-                "pearson",
-                "spearman",
-                "sign_agreement",
-                "n_above_floor",
-                "gain",
-                "r2",
-                "rmse_calibrated",
-                "sum_measured",
-                "sum_calibrated",
-            ],
+            columns=TIGHTNESS_VIEW,
             figures=("measured_vs_predicted", "tightness_over_steps"),
         ),
         terminal=TerminalView(
@@ -243,31 +250,10 @@ register_report_entry(
                 "softmax_disagreement: share of tokens where the rule's sign -sign(A l_a) differs from the "
                 "`softmax` estimator's (l_a > 0 and π_a l_a < C)."
             ),
-            columns=[
-                "quadrant",
-                "theory",
-                "count",
-                "share",
-                "mean_predicted",
-                "mean_measured",
-                "sign_agreement",
-                "theory_agreement",
-                "softmax_disagreement",
-            ],
+            columns=QUADRANTS_VIEW,
             figures=("quadrants",),
         ),
-        terminal=TerminalView(
-            "quadrants sign(A) x sign(log pi_a + H)",
-            [
-                "quadrant",
-                "theory",
-                "count",
-                "mean_predicted",
-                "mean_measured",
-                "sign_agreement",
-                "softmax_disagreement",
-            ],
-        ),
+        terminal=TerminalView("quadrants sign(A) x sign(log pi_a + H)", QUADRANTS_TERMINAL_VIEW),
     )
 )
 register_report_entry(
@@ -319,6 +305,48 @@ register_report_entry(
         ),
     )
 )
+register_report_entry(
+    ReportEntry(
+        "linear_regime",
+        table=lambda records, estimator: (
+            analyses.regime_tightness(records) if analyses.has_sweep(records) else None
+        ),
+        section=Section(
+            "The linear regime along the actual update",
+            "The traced tokens' entropy at θ + η Δθ, η a multiple of the actual step (an eta sweep). Per η, "
+            "each estimator's Pearson and least-squares gain against the measured change, its prediction "
+            "scaled by η (a first-order estimator has gain → 1 as η → 0; jvp-entropy is recomputed per η).",
+            columns=REGIME_VIEW,
+        ),
+        terminal=TerminalView("linear regime: Pearson and gain of the eta-scaled prediction", REGIME_VIEW),
+    )
+)
+register_report_entry(
+    ReportEntry(
+        "linear_regime_shares",
+        table=lambda records, estimator: (
+            analyses.regime_shares(records) if analyses.has_sweep(records) else None
+        ),
+        figure=FigureSpec(
+            "linear_regime",
+            lambda records, tables: (
+                linear_regime_figure(tables["linear_regime"], tables["linear_regime_shares"])
+                if "linear_regime_shares" in tables
+                else None
+            ),
+        ),
+        section=Section(
+            "The linear regime: curvature and coupling",
+            "Shares of ||ΔH(η)||² per η: curvature (ΔH - Δ_lin) vanishes as η → 0, the coupling of the "
+            "tabular estimators (Δ_lin - η ω_logit-grad, raw and with its least-squares gain) does not.",
+            figures=("linear_regime",),
+        ),
+        terminal=TerminalView(
+            "linear regime: shares of ||measured||^2 (curvature -> 0 as eta -> 0; coupling stays)",
+            REGIME_SHARES_VIEW,
+        ),
+    )
+)
 
 
 # --- walking the entries ------------------------------------------------------------------------
@@ -335,10 +363,13 @@ def trace_tables(records: pd.DataFrame, estimator: str = "softmax") -> dict[str,
         Entry name -> table, in registration order: ``tightness`` (pooled, one row per
         estimator and run), ``tightness_by_step``, ``residuals`` (per factor bin),
         ``factor_share`` (eta^2 per factor), ``quadrants``, ``decomposition`` (pooled),
-        ``decomposition_by_step``, then any registered later.
+        ``decomposition_by_step``, with an eta sweep ``linear_regime`` (per eta and estimator)
+        and ``linear_regime_shares`` (per eta), then any registered later. Entries whose
+        table function returned None are absent.
     """
     estimator_column(estimator, records)  # fail early, listing the valid names
-    return {e.name: e.table(records, estimator) for e in REPORT_ENTRIES.values() if e.table is not None}
+    tables = {e.name: e.table(records, estimator) for e in REPORT_ENTRIES.values() if e.table is not None}
+    return {name: table for name, table in tables.items() if table is not None}
 
 
 def write_trace_figures(records: pd.DataFrame, tables: Tables, out_dir: Path) -> list[Path]:
@@ -346,7 +377,8 @@ def write_trace_figures(records: pd.DataFrame, tables: Tables, out_dir: Path) ->
 
     Built-in stems: ``measured_vs_predicted``, ``tightness_over_steps``, ``residuals_by_factor``,
     ``quadrants``, ``decomposition``, ``entropy_change_distribution`` and, only when the
-    intervention weight varies, ``steer_weights``. Returns the written paths.
+    intervention weight varies, ``steer_weights``; with an eta sweep, ``linear_regime``.
+    Returns the written paths.
     """
     written: list[Path] = []
     for entry in REPORT_ENTRIES.values():
@@ -356,9 +388,12 @@ def write_trace_figures(records: pd.DataFrame, tables: Tables, out_dir: Path) ->
 
 
 def trace_sections(ctx: SectionContext) -> list[str]:
-    """The markdown lines of every registered section, in registration order."""
+    """The markdown lines of every registered section, in registration order.
+
+    An entry whose table function gave no table for these records has no section.
+    """
     lines: list[str] = []
     for entry in REPORT_ENTRIES.values():
-        if entry.section is not None:
+        if entry.section is not None and (entry.table is None or entry.name in ctx.tables):
             lines += entry.section.lines(ctx.tables.get(entry.name), ctx)
     return lines

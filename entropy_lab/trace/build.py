@@ -50,9 +50,10 @@ def build_records(
     """
     n = tokens.n
     assert pre.logprob is not None, "pre-update statistics are computed with the traced targets"
-    logprob = pre.logprob.double()
+    logprob = pre.logprob.double()  # (n,)
     lr_value = float("nan") if lr is None else float(lr)
-    nan = torch.full((n,), float("nan"), dtype=torch.float64, device=tokens.device)
+    nan = torch.full((n,), float("nan"), dtype=torch.float64, device=tokens.device)  # (n,)
+    # (n,) the advantage used: annotated, else the one given to step(), else NaN
     advantage = annotations.get("advantage", tokens.advantage if tokens.advantage is not None else nan)
     q = TokenQuantities(
         logprob=logprob,
@@ -69,9 +70,9 @@ def build_records(
         logit_grad_dot=logit_grad_dot,
         inputs=dict(inputs or {}),
     )
-    omegas = predict_all(q)
-    cols = {
-        "step": torch.full((n,), step),
+    omegas = predict_all(q)  # estimator name -> (n,)
+    cols = {  # column -> (n,) tensor, one value per traced token
+        "step": torch.full((n,), step),  # int64, like update, sample, position, token_id
         "update": torch.full((n,), update),
         "sample": tokens.b_idx,
         "position": tokens.t_idx,
@@ -93,6 +94,7 @@ def build_records(
         "delta_logit_linear": linear,
     }
     cols.update({ESTIMATORS[name].column: omega for name, omega in omegas.items()})
+    # n rows: the contract columns in contract order, then one omega_* per computed estimator
     df = pd.DataFrame({k: _numpy(cols[k]) for k in (*BASE_COLUMNS, *(ESTIMATORS[m].column for m in omegas))})
     return df.astype({k: "int64" for k in INT_COLUMNS})
 

@@ -1,33 +1,232 @@
-"""The jvp estimators inside the tracer: at the optimizer pre-step hook, J . dtheta for the traced tokens.
+"""Measurements taken just before the optimizer step: the ``PreStepProbe`` protocol and the two built-in probes.
 
-``record_jvp(step, optimizer)`` predicts the update the optimizer is about to apply
-(``entropy_lab.update_predict``), runs the tracer's own forward over the traced rows with
-that update as the parameters' tangent (``entropy_lab.jvp.tangent_parameters``), and hands
-the two predictions to the record builder as the token inputs ``jvp`` and ``jvp_entropy``
-(columns ``omega_jvp`` and ``omega_jvp_entropy``). Cost: one forward-mode pass over the
-traced rows, before the parameters move.
+At the optimizer pre-step hook the parameters are untouched and the gradients final, so the
+step the optimizer is about to apply can be predicted (``entropy_lab.update_predict``) and
+measured along. The tracer hands each of its probes a ``PreStep`` (the model, the
+optimizer, the traced tokens' pre-update logits and statistics, the tracer's own forward)
+and merges the ``ProbeResult`` it returns: token inputs feed the estimators that require
+them (``TraceStep.add_token_input``), columns are appended to the records as they are.
+
+- ``JvpProbe``: one forward-mode pass over the traced rows with the update as the
+  parameters' tangent (``entropy_lab.jvp.tangent_parameters``) gives J . dtheta at the traced
+  tokens: the token inputs ``jvp`` and ``jvp_entropy`` (columns ``omega_jvp`` and
+  ``omega_jvp_entropy``). Cost: one forward-mode pass.
+- ``EtaSweepProbe``: for each multiple eta of the step, one no-grad forward with every
+  parameter slot holding theta + eta dtheta (``shifted_parameters``: one shifted tensor per
+  parameter, the originals put back in ``finally``; no model copy), and one forward-mode pass
+  for H(z + eta J dtheta). Columns ``regime@<eta>:<quantity>`` (``entropy_lab.records``),
+  tabled by ``entropy_lab.analyses.regime``. Cost: one forward per eta plus one forward-mode pass.
+
+Deliberate simplifications: a probe sees only the first optimizer step of a traced block;
+each probe predicts the update itself (it is cheap and has no side effects); per eta the
+sweep records only the measured change, its first order along the actual logit change and
+the jvp-entropy prediction (the other estimators are linear in the step: ``analyses.regime``
+scales them by eta); eta grids are floats, so a column reads ``regime@1.0:...`` for eta 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
 import torch
+from torch import nn
 
+from entropy_lab.errors import EntropyLabError
 from entropy_lab.jvp import jvp_estimates, tangent_of, tangent_parameters
+from entropy_lab.records import COLUMNS, PREDICTED_PREFIX, regime_column
+from entropy_lab.stats import TokenStats, entropy_change_stats
+from entropy_lab.trace.forward import OwnForward
 from entropy_lab.trace.rows import take_rows
-from entropy_lab.update_predict import predict_update
+from entropy_lab.update_predict import Update, predict_update
+
+DEFAULT_ETAS: tuple[float, ...] = tuple(2.0**k for k in range(-6, 2))
+"""1/64, 1/32, ..., 1, 2: multiples of the actual step."""
 
 
-def record_jvp(step, optimizer: torch.optim.Optimizer) -> None:
-    """Add the ``jvp`` and ``jvp_entropy`` token inputs to ``step`` (a ``TraceStep`` at its pre-step hook)."""
-    z_before = step.capture.z_before  # (n, V), filled for every traced token by now
-    n = z_before.shape[0]
-    linear = torch.empty(n, dtype=torch.float64, device=z_before.device)
-    change = torch.empty(n, dtype=torch.float64, device=z_before.device)
-    update = predict_update(optimizer)
-    with tangent_parameters(step.model, update):
-        for idx, z in step.forward.traced_logits(torch.ones(n, dtype=torch.bool, device=z_before.device)):
-            dz = tangent_of(z)  # (k, V) J . dtheta at the traced tokens of these rows
-            lin, ch = jvp_estimates(take_rows(z_before, idx), dz, chunk_bytes=step.tracer.chunk_bytes)
-            linear[idx], change[idx] = lin.double(), ch.double()
-    step.add_token_input("jvp", linear)
-    step.add_token_input("jvp_entropy", change)
+@dataclass(frozen=True)
+class PreStep:
+    """What a probe is given at the optimizer pre-step hook (parameters untouched, gradients final)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    """The optimizer about to step; ``predict_update(optimizer)`` is the step it will apply."""
+    z_before: torch.Tensor  # (n, V) pre-update logits of every traced token
+    stats: TokenStats
+    """Pre-update entropy, log-prob and collision of the traced tokens, (n,) each."""
+    forward: OwnForward
+    """The tracer's own no-grad forwards: ``forward.traced_logits(mask)`` yields (idx (k,), logits (k, V))."""
+    chunk_bytes: int | None
+    """The tracer's bound on one fp32 (chunk, V) temporary (None: the device default)."""
+
+    @property
+    def n(self) -> int:
+        """Number of traced tokens."""
+        return self.z_before.shape[0]
+
+    def every_token(self) -> torch.Tensor:
+        """(n,) bool, all True: the mask that makes ``forward.traced_logits`` cover every traced token."""
+        return torch.ones(self.n, dtype=torch.bool, device=self.z_before.device)
+
+
+@dataclass
+class ProbeResult:
+    """What a probe hands back; every tensor is (n,), in traced-token order (the records' row order)."""
+
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Inputs of estimators that require them by name (``register_estimator(..., requires=...)``)."""
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Further record columns, appended after the estimators' in this order."""
+
+
+class PreStepProbe(Protocol):
+    """A measurement at the optimizer pre-step hook: ``probe(pre) -> ProbeResult``.
+
+    It must leave the parameters as it found them; it runs once per traced step, before the update.
+    """
+
+    def __call__(self, pre: PreStep) -> ProbeResult: ...
+
+
+@dataclass(frozen=True)
+class JvpProbe:
+    """The ``jvp`` and ``jvp_entropy`` token inputs: J . dtheta at the traced tokens, one forward-mode pass."""
+
+    def __call__(self, pre: PreStep) -> ProbeResult:
+        z_before = pre.z_before  # (n, V)
+        linear = torch.empty(pre.n, dtype=torch.float64, device=z_before.device)  # (n,)
+        change = torch.empty(pre.n, dtype=torch.float64, device=z_before.device)  # (n,)
+        update = predict_update(pre.optimizer)
+        with tangent_parameters(pre.model, update):
+            for idx, z in pre.forward.traced_logits(pre.every_token()):
+                dz = tangent_of(z)  # (k, V) J . dtheta at the traced tokens of these rows
+                lin, ch = jvp_estimates(take_rows(z_before, idx), dz, chunk_bytes=pre.chunk_bytes)
+                linear[idx], change[idx] = lin.double(), ch.double()
+        return ProbeResult(token_inputs={"jvp": linear, "jvp_entropy": change})
+
+
+@contextlib.contextmanager
+def shifted_parameters(model: nn.Module, update: Update, eta: float) -> Iterator[None]:
+    """Inside the block (no grad), every parameter in ``update`` reads theta + eta * dtheta; restored after."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    shifted: dict[int, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is None or p not in update:
+                        continue
+                    if id(p) not in shifted:  # tied parameters share one shifted tensor
+                        shifted[id(p)] = p.detach() + eta * update[p].to(p.dtype)
+                    swapped.append((module, name, p))
+                    module._parameters[name] = shifted[id(p)]  # type: ignore[assignment]  # a plain tensor in the slot
+            yield
+    finally:
+        for module, name, p in reversed(swapped):
+            module._parameters[name] = p
+
+
+@dataclass(frozen=True)
+class EtaSweepProbe:
+    """The traced tokens' entropy at theta + eta dtheta for each eta of ``etas``: ``regime@`` columns."""
+
+    etas: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.etas or any(not (e > 0) for e in self.etas):
+            raise EntropyLabError(
+                f"the eta grid must hold positive multiples of the step, got {list(self.etas)}"
+            )
+
+    def __call__(self, pre: PreStep) -> ProbeResult:
+        z_before = pre.z_before  # (n, V)
+        h_before = pre.stats.entropy.double()  # (n,)
+        n, dev = pre.n, z_before.device
+        every = pre.every_token()
+        update = predict_update(pre.optimizer)
+        cols: dict[str, torch.Tensor] = {}
+        for eta in self.etas:
+            h_eta = torch.empty(n, dtype=torch.float64, device=dev)  # (n,)
+            lin_eta = torch.empty(n, dtype=torch.float64, device=dev)  # (n,)
+            with shifted_parameters(pre.model, update, eta):
+                for idx, z in pre.forward.traced_logits(every):
+                    h, lin, _ = entropy_change_stats(z_before[idx], z, chunk_bytes=pre.chunk_bytes)
+                    h_eta[idx], lin_eta[idx] = h.double(), lin.double()
+            cols[regime_column(eta, "delta_entropy")] = h_eta - h_before
+            cols[regime_column(eta, "delta_logit_linear")] = lin_eta
+        jvp_cols = {eta: torch.empty(n, dtype=torch.float64, device=dev) for eta in self.etas}  # (n,) each
+        with tangent_parameters(pre.model, update):
+            for idx, z in pre.forward.traced_logits(every):
+                dz = tangent_of(z)  # (k, V)
+                for eta in self.etas:
+                    jvp_cols[eta][idx] = jvp_estimates(z_before[idx], eta * dz)[1].double()
+        for eta in self.etas:
+            cols[regime_column(eta, "jvp_entropy")] = jvp_cols[eta]
+        return ProbeResult(columns=cols)
+
+
+def build_probes(
+    jvp: bool, eta_grid: Sequence[float] | str | None, extra: Sequence[PreStepProbe] = ()
+) -> tuple[PreStepProbe, ...]:
+    """A tracer's probes in the order they run: the jvp probe, the eta sweep, then ``extra``."""
+    etas = parse_eta_grid(eta_grid)
+    return (*((JvpProbe(),) if jvp else ()), *((EtaSweepProbe(etas),) if etas else ()), *extra)
+
+
+def run_probes(probes: Sequence[PreStepProbe], pre: PreStep) -> ProbeResult:
+    """Run ``probes`` in order on ``pre``; their results merged (a column given twice is an error).
+
+    Args:
+        probes: the probes, each called once.
+        pre: what they are given.
+
+    Returns:
+        Every probe's token inputs and columns, in probe order; each column checked to be (n,)
+        and new (no contract column, no ``omega_*`` column, no other probe's).
+    """
+    merged = ProbeResult()
+    for probe in probes:
+        result = probe(pre)
+        merged.token_inputs.update(result.token_inputs)  # shapes checked by TraceStep.add_token_input
+        for name, values in result.columns.items():
+            if name in merged.columns or name in COLUMNS or name.startswith(PREDICTED_PREFIX):
+                raise EntropyLabError(
+                    f"probe {probe!r} returned column {name!r}, which the records already have; name it anew"
+                )
+            if tuple(values.shape) != (pre.n,):
+                raise EntropyLabError(
+                    f"probe {probe!r} returned column {name!r} with shape {tuple(values.shape)}; it must be "
+                    f"(n,) = ({pre.n},), one value per traced token"
+                )
+            merged.columns[name] = values
+    return merged
+
+
+def parse_eta_grid(grid: Sequence[float] | str | None) -> tuple[float, ...]:
+    """The eta grid as a tuple of floats; () for no sweep.
+
+    Args:
+        grid: multiples of the step, as numbers or as the comma-separated text of
+            ``TrainConfig.trace_eta_grid`` ("0.25,0.5,1"); None or empty for no sweep.
+
+    Returns:
+        The floats in the given order (each parsed exactly as ``float`` does).
+    """
+    if grid is None:
+        return ()
+    items = [s.strip() for s in grid.split(",")] if isinstance(grid, str) else list(grid)
+    if isinstance(grid, str) and items == [""]:
+        return ()
+    try:
+        return tuple(float(e) for e in items)
+    except (TypeError, ValueError):
+        raise EntropyLabError(
+            f"the eta grid must be numbers (or comma-separated text such as 0.25,0.5,1), got {grid!r}"
+        ) from None
+
+
+def format_eta_grid(etas: Sequence[float]) -> str:
+    """The comma-separated text of ``TrainConfig.trace_eta_grid`` for ``etas``; ``parse_eta_grid`` reads it back exactly."""
+    return ",".join(repr(float(e)) for e in etas)

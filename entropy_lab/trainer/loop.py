@@ -137,6 +137,7 @@ class Trainer:
             seed=cfg.seed,
             config=cfg.to_dict(),
             jvp=cfg.trace_jvp,
+            eta_grid=cfg.trace_eta_grid,
         )
         self.controller = build_controller(cfg)
         self.updater = Updater(

@@ -6,18 +6,23 @@ tracing on, and returns where its records went. The checkpoint is never modified
 
 With the run's own method the trace goes to ``run/traces/step_{N+1}.parquet`` when training
 did not trace that step; otherwise (another method, or the file exists) to the run directory
-``run/retrace-<method>-step_N``. Either way ``CheckpointTrace.trace_path`` is the one file
-holding exactly that update, so its tables can be told apart from the run's other traces.
+``run/retrace-<method>-step_N``. With an eta grid (the linear regime: the traced tokens'
+entropy at theta + eta dtheta, ``TrainConfig.trace_eta_grid``) it always goes to its own run
+directory, ``run/eta-sweep-step_N`` (``run/eta-sweep-<method>-step_N`` for another method).
+Either way ``CheckpointTrace.trace_path`` is the one file holding exactly that update, so its
+tables can be told apart from the run's other traces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir
+from entropy_lab.trace.probes import format_eta_grid
 from entropy_lab.trainer.loop import Callback, Trainer
 
 
@@ -49,8 +54,21 @@ def trace_checkpoint(
     method: str | None = None,
     callback: Callback | None = None,
     jvp: bool = False,
+    eta_grid: Sequence[float] | None = None,
 ) -> CheckpointTrace:
-    """One traced update from the checkpoint at ``step`` (default: the latest); see the module docstring."""
+    """One traced update from the checkpoint at ``step``; see the module docstring.
+
+    Args:
+        run: the run directory.
+        step: the checkpoint's step (default: the latest).
+        method: the method of the traced update (default: the run's).
+        callback: the trainer's event callback.
+        jvp: also record the jvp and jvp-entropy estimators (``TrainConfig.trace_jvp``).
+        eta_grid: also sweep eta over these multiples of the step (``TrainConfig.trace_eta_grid``).
+
+    Returns:
+        Where the trace went, and of which update.
+    """
     from entropy_lab.methods import resolve_config
 
     ckpts = run.checkpoints()
@@ -67,9 +85,14 @@ def trace_checkpoint(
     overrides: dict = {"model": str(ckpt / "model"), "trace_every": 1}
     if jvp:  # the opt-in estimators of the network's own first order
         overrides["trace_jvp"] = True
+    if eta_grid:
+        overrides["trace_eta_grid"] = format_eta_grid(eta_grid)
     cfg = resolve_config(method, overrides, base=base)
     target = run
-    if method != run.train_config().method or run.trace_path(step + 1).exists():
+    own_method = method == run.train_config().method
+    if eta_grid:
+        target = RunDir(run.path / f"eta-sweep{'' if own_method else f'-{method}'}-step_{step:06d}")
+    elif not own_method or run.trace_path(step + 1).exists():
         target = RunDir(run.path / f"retrace-{method}-step_{step:06d}")
     trainer = Trainer(cfg, target.path, callback=callback)
     trainer.setup(create_run=False)

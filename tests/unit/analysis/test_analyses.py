@@ -154,10 +154,10 @@ def test_all_nan_estimator_is_skipped_and_nan_rows_dropped():
 
 
 def test_estimator_columns_match_the_theory_registry():
-    from entropy_lab.theory import ESTIMATORS, column_name
+    from entropy_lab.theory import ESTIMATORS
 
     # The record contract's built-ins are registered under the same columns; the registry may hold more.
-    registered = {name: column_name(name) for name in ESTIMATORS}
+    registered = {name: spec.column for name, spec in ESTIMATORS.items()}
     assert ESTIMATOR_COLUMNS.items() <= registered.items()
 
 

@@ -346,3 +346,43 @@ def test_a_registered_report_entry_reaches_tables_figures_sections_and_json(tmp_
     finally:
         REPORT_ENTRIES.remove("tokens_per_step")
     assert "tokens_per_step" not in trace_tables(synthetic_records(5, 0, False))
+
+
+def with_sweep(records: pd.DataFrame, etas=(0.5, 1.0)) -> pd.DataFrame:
+    """``records`` plus an eta sweep whose measured change is GAIN * eta * omega_softmax exactly."""
+    from entropy_lab.records import regime_column
+
+    omega = records["omega_softmax"].to_numpy()
+    extra = {}
+    for eta in etas:
+        extra[regime_column(eta, "delta_entropy")] = GAIN * eta * omega
+        extra[regime_column(eta, "delta_logit_linear")] = 0.5 * GAIN * eta * omega  # curvature share 1/4
+        extra[regime_column(eta, "jvp_entropy")] = GAIN * eta * omega
+    return records.assign(**extra)
+
+
+def test_a_run_with_an_eta_sweep_gets_the_linear_regime_tables_figure_and_sections(tmp_path):
+    run = make_run(tmp_path / "swept", traces=False)
+    cfg = run.train_config().to_dict()
+    for step in TRACE_STEPS:
+        save_records(with_sweep(synthetic_records(step, 0, False)), run.trace_path(step), cfg)
+    result = run_report(run)
+    tightness = result["tables"]["linear_regime"].set_index(["eta", "estimator"])
+    assert tightness.loc[(0.5, "softmax"), "gain"] == pytest.approx(GAIN, rel=1e-12)
+    assert tightness.loc[(1.0, "logit-grad"), "gain"] == pytest.approx(1.0, rel=1e-12)
+    assert tightness.loc[(1.0, "jvp-entropy"), "pearson"] == pytest.approx(1.0, abs=1e-12)
+    shares = result["tables"]["linear_regime_shares"].set_index("eta")
+    assert shares["curvature"].to_numpy() == pytest.approx([0.25, 0.25], rel=1e-12)
+    assert shares["coupling_calibrated"].to_numpy() == pytest.approx([0.0, 0.0], abs=1e-20)
+    text = run.report_path.read_text()
+    assert text.index("## Decomposition") < text.index("## The linear regime along the actual update")
+    assert "## The linear regime: curvature and coupling" in text and "(figures/linear_regime.png)" in text
+    assert (run.figures_dir / "linear_regime.pdf").is_file()
+    assert {"linear_regime", "linear_regime_shares"} <= set(report_json(result["tables"]))
+
+
+def test_a_run_without_a_sweep_has_no_linear_regime_anywhere(traced_report):
+    run, result = traced_report
+    assert not {"linear_regime", "linear_regime_shares"} & set(result["tables"])
+    assert "linear regime" not in run.report_path.read_text().lower()
+    assert not (run.figures_dir / "linear_regime.png").exists()

@@ -5,15 +5,14 @@ import pytest
 import torch
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.records import QUADRANTS, THEORY_SIGN
 from entropy_lab.stats import entropy_from_logits, gather_logprobs, token_stats
 from entropy_lab.tabular import TabularPolicy
 from entropy_lab.theory import (
     ESTIMATORS,
-    QUADRANT_THEORY,
     TokenQuantities,
     get_estimator,
     predict_all,
-    quadrant_labels,
     register_estimator,
 )
 from entropy_lab.trace import EntropyTracer
@@ -180,7 +179,7 @@ def test_covariance_identity_and_relations_between_forms():
     assert torch.isnan(om["logit-grad"]).all()  # no gradient captured -> NaN, not a fake number
 
 
-def test_registry_and_quadrants():
+def test_registry():
     # the built-ins first, in order; entropy_lab.jvp adds its estimators after them once imported
     builtins = ["paper", "sampled-logit", "softmax", "logit-grad", "covariance", "paper-appendix"]
     assert list(ESTIMATORS)[: len(builtins)] == builtins
@@ -188,11 +187,6 @@ def test_registry_and_quadrants():
         get_estimator("nope")
     with pytest.raises(EntropyLabError, match="already registered"):
         register_estimator("softmax")(lambda q: q.logprob)
-    labels = quadrant_labels(
-        torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0]), torch.tensor([0.5, -0.5, 0.5, -0.5, 1.0])
-    )
-    assert labels == ["A>0, l>0", "A>0, l<0", "A<0, l>0", "A<0, l<0", "0"]
-    assert QUADRANT_THEORY["A>0, l>0"] == "falls" and QUADRANT_THEORY["A<0, l>0"] == "rises"
 
 
 def test_quadrant_signs_hold_for_softmax_in_tabular_model():
@@ -202,3 +196,9 @@ def test_quadrant_signs_hold_for_softmax_in_tabular_model():
     falls = (np.sign(df.advantage) == np.sign(l)).to_numpy()
     # sampled-logit predicts a fall exactly in the "falls" quadrants, by construction of its sign
     assert ((df.omega_sampled_logit.to_numpy() < 0) == falls).all()
+    # the record contract's quadrant table says the same: its direction is the sign of -w pi_a (1-pi_a) l_a
+    direction = {(sign_a, sign_l): theory for _, sign_a, sign_l, theory in QUADRANTS}
+    sign_a, sign_l = np.sign(df.advantage).astype(int), np.where(l >= 0, 1, -1)
+    expected = [THEORY_SIGN[direction[a, s]] for a, s in zip(sign_a, sign_l, strict=True)]
+    np.testing.assert_array_equal(np.sign(df.omega_sampled_logit.to_numpy()), expected)
+    assert direction[0, 0] == "flat" and "flat" not in THEORY_SIGN  # zero advantage: no first-order change
