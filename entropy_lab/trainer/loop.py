@@ -47,7 +47,7 @@ from entropy_lab.records import save_records
 from entropy_lab.rollout import Rollout, evaluate, mean_response_entropy, response_stats, rewards_of, sample
 from entropy_lab.runs import RunDir
 from entropy_lab.stats import entropy_from_logits, gather_logprobs, token_stats
-from entropy_lab.tasks import get_task, load_dataset_task
+from entropy_lab.tasks import build_task, get_task, load_dataset_task
 from entropy_lab.trace.tracer import EntropyTracer
 from entropy_lab.trainer import learnability
 
@@ -110,7 +110,9 @@ class Trainer:
         info = {}
         if cfg.model:
             model, tokenizer = load_policy(cfg.model, self.device)
-            task = load_dataset_task(cfg.dataset, tokenizer) if cfg.dataset else get_task(cfg.task)
+            task = (
+                load_dataset_task(cfg.dataset, tokenizer) if cfg.dataset else build_task(cfg.task, tokenizer)
+            )
         else:
             task = get_task(cfg.task)
             self.callback("warm_start", {"task": task.name})
