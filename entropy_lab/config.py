@@ -85,6 +85,9 @@ class TrainConfig:
     """Local Hugging Face model directory; None uses the embedded warm-started tiny policy."""
     seed: Annotated[int, AtLeast0] = 0
     """Seed for rollouts, initialisation and position sampling."""
+    preset_applied: str = ""
+    """Fields filled in by the task's pretrained-model preset (``entropy_lab.presets``), space-separated;
+    recorded, never re-applied; '' when none."""
 
     # --- rollout ------------------------------------------------------------
     steps: Annotated[int, AtLeast1] = 150
