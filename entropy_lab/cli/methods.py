@@ -10,6 +10,7 @@ from rich.table import Table
 from entropy_lab.cli.common import console, friendly_errors
 from entropy_lab.config import TrainConfig, field_docs, field_ranges
 from entropy_lab.methods import METHODS, registered_choices
+from entropy_lab.tasks import TASKS
 
 
 @friendly_errors
@@ -30,6 +31,11 @@ def methods(
             admissible = ranges.get(name) or " | ".join(names.get(name, []))
             table.add_row(name, repr(defaults[name]), admissible, doc)
         console.print(table)
+        # the task presets that replace some of these defaults (entropy_lab.presets)
+        for task, cls in TASKS.items():
+            if cls.PRETRAINED_DEFAULTS:
+                values = ", ".join(f"{k}={v!r}" for k, v in cls.PRETRAINED_DEFAULTS.items())
+                console.print(f"with --model and --task {task}, unset fields default to: {values}")
         return
     table = Table(title="entropy-lab methods", title_justify="left", header_style="bold", show_lines=True)
     for col in ("name", "what it changes", "defaults", "reference"):

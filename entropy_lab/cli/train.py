@@ -14,8 +14,8 @@ from entropy_lab.cli.progress import TrainProgress
 from entropy_lab.config import parse_overrides
 from entropy_lab.errors import EntropyLabError, EntropyLabWarning
 from entropy_lab.formatting import format_number
-from entropy_lab.methods import resolve_config
 from entropy_lab.model_sources import model_forms
+from entropy_lab.presets import describe, resolve_with_preset
 
 MODEL_HELP = f"Causal LM to train: {model_forms()} (default: the embedded tiny policy)."
 
@@ -29,7 +29,8 @@ def build_config(
     seed: int | None,
     sets: list[str] | None,
 ):
-    """The resolved config: preset of ``method``, then the explicit options, then ``--set`` pairs."""
+    """The resolved config: the task's pretrained-model preset (``entropy_lab.presets``, only with a model),
+    then the preset of ``method``, then the explicit options, then ``--set`` pairs."""
     overrides = {}
     for key, value in (
         ("task", task),
@@ -46,7 +47,7 @@ def build_config(
             f"{key} is given twice (--{key} {overrides[key]} and --set {key}={pairs[key]}); give it once"
         )
     overrides.update(pairs)
-    return resolve_config(method, overrides)
+    return resolve_with_preset(method, overrides)
 
 
 def default_out(cfg) -> Path:
@@ -64,6 +65,8 @@ def run_training(
     from entropy_lab.trainer.loop import Trainer  # torch and transformers load only when training
 
     quiet_transformers()
+    if describe(cfg):
+        console.print(describe(cfg), highlight=False, soft_wrap=True)
     with TrainProgress(out.name, quiet=quiet) as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", EntropyLabWarning)  # the progress display prints them, one line each
         metrics = Trainer(cfg, out, resume=resume, overwrite=overwrite, callback=progress).train()
@@ -80,7 +83,13 @@ def train(
     method: Annotated[
         str, typer.Option("--method", "-m", help="Method preset; `entropy-lab methods` lists them.")
     ] = "grpo",
-    task: Annotated[str | None, typer.Option(help="Built-in task (countdown, arithmetic).")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Built-in task (countdown, arithmetic, word-arithmetic). With --model, word-arithmetic fills every "
+            "setting you do not give from its measured preset (printed at start, recorded in config.json)."
+        ),
+    ] = None,
     dataset: Annotated[Path | None, typer.Option(help="verl-format Parquet file (needs --model).")] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     steps: Annotated[int | None, typer.Option(help="RL steps.")] = None,

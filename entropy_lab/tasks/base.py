@@ -19,7 +19,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,11 @@ class Task(ABC):
     """Registry name (set by ``register_task``; dataset tasks name themselves)."""
     max_new_tokens: int
     """A sensible response length budget for this task, in tokens."""
+    takes_tokenizer: ClassVar[bool] = False
+    """Whether the constructor takes the model's tokenizer (prompts rendered with its chat template)."""
+    PRETRAINED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    """TrainConfig field -> value for a pretrained ``--model`` on this task, applied where the user
+    gave nothing (``entropy_lab.presets``); {} for tasks without one."""
 
     @abstractmethod
     def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
@@ -90,6 +95,21 @@ def register_task(name: str) -> Callable[[_T], _T]:
 def get_task(name: str, **kwargs: Any) -> Task:
     """Instantiate the task registered as ``name`` with ``kwargs``."""
     return TASKS[name](**kwargs)
+
+
+def build_task(name: str, tokenizer: Any) -> Task:
+    """The task registered as ``name`` for a model whose tokenizer is ``tokenizer``.
+
+    Args:
+        name: A registered task name.
+        tokenizer: The model's tokenizer; passed on only to tasks that render their prompts
+            with it (``Task.takes_tokenizer``), the others ignore it.
+
+    Returns:
+        The task with its default settings.
+    """
+    cls = TASKS[name]
+    return cls(tokenizer=tokenizer) if cls.takes_tokenizer else cls()
 
 
 class GeneratedTask(Task):
