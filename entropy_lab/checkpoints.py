@@ -72,7 +72,8 @@ def set_rng_state(
 # --- writing -------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -100,7 +101,7 @@ def save_checkpoint(final: Path, model, tokenizer, state: dict) -> Path:
         torch.save(state, tmp / STATE_FILE)
         manifest = {
             "step": int(state["step"]),
-            "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)},
+            "files": {str(p.relative_to(tmp)): sha256_file(p) for p in _files(tmp)},
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
         if final.exists():
@@ -137,7 +138,7 @@ def verify_checkpoint(path: Path) -> None:
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {f} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(
                 f"checkpoint file {f} is damaged (its content changed after it was written)"
             )

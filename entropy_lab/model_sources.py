@@ -25,7 +25,6 @@ not looked up on the hub (a legacy id such as ``gpt2`` needs its org: ``openai-c
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -38,6 +37,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from entropy_lab.checkpoints import sha256_file
 from entropy_lab.errors import EntropyLabError, os_error_message
 
 MANIFEST = "entropy_lab_manifest.json"
@@ -308,12 +308,3 @@ def is_valid_conversion(where: Path, source_sha: str) -> bool:
     if not ok or "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
         return False
     return all((where / f).is_file() and sha256_file(where / f) == h for f, h in files.items())
-
-
-def sha256_file(path: Path) -> str:
-    """The file's SHA-256, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
