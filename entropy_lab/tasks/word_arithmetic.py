@@ -215,7 +215,9 @@ class WordArithmeticTask(GeneratedTask):
         """The numbers of a problem of ``chain``: the first step's two, then one per further step."""
         hi = self.max_factor if chain[0] in ("mul", "div") else self.max_operand
         x, y = (int(v) for v in rng.integers(2, hi + 1, size=2))
-        numbers = {"add": (x, y), "sub": (x + y, y), "mul": (x, y), "div": (x * y, y)}[chain[0]]
+        numbers: tuple[int, ...] = {"add": (x, y), "sub": (x + y, y), "mul": (x, y), "div": (x * y, y)}[
+            chain[0]
+        ]
         value = APPLY[chain[0]](*numbers)
         for op in chain[1:]:
             # a subtraction stays below the running value, so every answer is positive
