@@ -204,3 +204,20 @@ def test_readme_without_the_block_is_refused_before_anything_is_written(tmp_path
         results.main(["--root", str(tmp_path), "--runs", str(tmp_path / "runs")])
     assert not (tmp_path / "docs" / "results.md").exists()
     assert (tmp_path / "README.md").read_text() == README_HEAD
+
+
+def test_real_model_block_gives_each_missing_run_its_command(tmp_path):
+    """The optional real-model block: replaced between its markers, with the command of each missing run."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    readme = README_HEAD + results.REAL_START + "\nstale 0.5\n" + results.REAL_END + README_TAIL
+    block = results.real_block(runs)
+    after = results.replace_block(readme, block, results.REAL_START, results.REAL_END)
+    assert after.startswith(README_HEAD + results.REAL_START) and after.endswith(
+        results.REAL_END + README_TAIL
+    )
+    assert "stale 0.5" not in after
+    for table in sections.REAL_TIGHTNESS:
+        assert table.source.command in block  # the note says how to make the run
+    with pytest.raises(SystemExit, match="exactly one"):
+        results.replace_block(README_HEAD, block, results.REAL_START, results.REAL_END)
