@@ -39,6 +39,7 @@ from pathlib import Path
 
 from entropy_lab.checkpoints import sha256_file
 from entropy_lab.errors import EntropyLabError, os_error_message
+from entropy_lab.registry import Registry
 
 MANIFEST = "entropy_lab_manifest.json"
 """The file in a converted directory that says what it was converted from and holds every file's hash."""
@@ -67,15 +68,13 @@ class PackagedGGUF:
     """The command that installs the distribution."""
 
 
-NAMED_MODELS: dict[str, PackagedGGUF] = {}
+NAMED_MODELS: Registry[PackagedGGUF] = Registry("model name")
 """Model names ``resolve_model`` accepts besides paths and hub ids."""
 
 
 def register_named_model(name: str, source: PackagedGGUF) -> None:
     """Make ``name`` a valid ``--model``; refuses a name registered twice."""
-    if name in NAMED_MODELS:
-        raise EntropyLabError(f"model name {name!r} is already registered")
-    NAMED_MODELS[name] = source
+    NAMED_MODELS.add(name, source)
 
 
 register_named_model(
