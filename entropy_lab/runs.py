@@ -11,10 +11,14 @@
 Every file is written under a temporary name and renamed into place, so a killed run
 leaves either the old or the new version, never half of one.
 
-Safety: ``check_target`` refuses an unusable output directory before anything is loaded
-or deleted; replacing a run (``--overwrite``) removes only a directory that carries the
-marker and holds nothing but the layout above, and never the working directory, one of
-its parents, the home directory or a Hugging Face model directory.
+Safety: the path is resolved first (``ghost/../run`` is ``run``), so every check sees the
+directory that will be written. ``check_target`` refuses an unusable output directory
+before anything is loaded or deleted, and a run another live process trains
+(``entropy_lab.run_lock``). Replacing a run (``--overwrite``) removes only a directory that
+carries the marker and holds nothing, at any depth, but what entropy-lab writes
+(``entropy_lab.run_files``), and never the working directory, one of its parents, the home
+directory or a Hugging Face model directory. No delete follows a symbolic link: a run
+holding one is neither replaced nor resumed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,19 @@ import pandas as pd
 
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError, os_error_message
+from entropy_lab.run_files import (
+    LOCK,
+    MARKER,
+    RUN_DIRS,
+    RUN_FILES,
+    SUB_RUN,
+    TRACE,
+    check_real_dir,
+    foreign_paths,
+    links_in,
+    shown,
+)
+from entropy_lab.run_lock import check_unlocked
 
 
 def package_versions() -> dict[str, str]:
@@ -59,29 +76,13 @@ def write_text_atomic(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-MARKER = ".entropy-lab-run"
-"""File that marks a directory as a run entropy-lab created (and may therefore replace)."""
-LAYOUT = frozenset(
-    {
-        MARKER,
-        "config.json",
-        "metrics.parquet",
-        "eval.parquet",
-        "traces",
-        "checkpoints",
-        "figures",
-        "report.md",
-        "report.json",
-    }
-)
-"""Top-level entries of a run directory; ``retrace-*`` runs and ``*.tmp`` leftovers are known too."""
-
-
 def _is_known_entry(p: Path) -> bool:
-    name = p.name.removesuffix(".tmp")
-    if name in LAYOUT:
-        return True
-    return name.startswith("retrace-") and p.is_dir() and (p / MARKER).is_file()
+    """A top-level entry of a run's layout (``run_files``), before its contents are vetted."""
+    if p.is_symlink():
+        return False
+    if p.is_dir():
+        return p.name in RUN_DIRS or (SUB_RUN.fullmatch(p.name) is not None and (p / MARKER).is_file())
+    return p.name in RUN_FILES or p.name == LOCK or (p.name.endswith(".tmp") and p.name[:-4] in RUN_FILES)
 
 
 def _hf_model_dir(path: Path) -> bool:
@@ -112,7 +113,9 @@ class RunDir:
     path: Path
 
     def __post_init__(self):
-        self.path = Path(self.path)
+        # Resolved before any check: "ghost/../run" is "run" even when ghost does not exist
+        # (the kernel would refuse it), and a linked run directory is the folder it names.
+        self.path = Path(self.path).resolve()
 
     marker_path = property(lambda self: self.path / MARKER)
     config_path = property(lambda self: self.path / "config.json")
@@ -147,9 +150,12 @@ class RunDir:
             raise EntropyLabError(
                 f"{p} holds a Hugging Face model (config.json with model_type), not a run; choose another --out"
             )
+        if p.is_dir():
+            check_unlocked(p, "--resume" if resume else "--overwrite" if overwrite else "train into")
         if resume:
             if not self.holds_run():
                 raise EntropyLabError(f"there is no run to resume in {p}; start it without --resume")
+            self.check_no_links("--resume")
         elif self.holds_run():
             if not overwrite:
                 raise EntropyLabError(
@@ -157,8 +163,10 @@ class RunDir:
                 )
             self.check_removable()
         elif p.is_dir() and any(p.iterdir()):
-            known = all(_is_known_entry(e) for e in p.iterdir())
-            if not (known and self.marker_path.is_file()):
+            entries = list(p.iterdir())
+            known = all(_is_known_entry(e) for e in entries)
+            only_lock = [e.name for e in entries] == [LOCK]  # a run that stopped right after taking its lock
+            if not (known and (self.marker_path.is_file() or only_lock)):
                 raise EntropyLabError(
                     f"{p} is not empty and holds no entropy-lab run; choose a new or empty --out"
                 )
@@ -177,10 +185,19 @@ class RunDir:
             raise EntropyLabError(
                 f"refusing to --overwrite {self.path}: it has no {MARKER} marker, so entropy-lab did not create it (or an older version did); delete it yourself if it is disposable"
             )
-        unknown = sorted(e.name for e in self.path.iterdir() if not _is_known_entry(e))
+        unknown = foreign_paths(self.path)
         if unknown:
             raise EntropyLabError(
-                f"refusing to --overwrite {self.path}: it holds files entropy-lab did not write ({', '.join(unknown[:5])}); move them away or choose another --out"
+                f"refusing to --overwrite {self.path}: it holds files entropy-lab did not write ({shown(unknown)}); move them away or choose another --out"
+            )
+
+    def check_no_links(self, doing: str) -> None:
+        """Refuse a run holding a symbolic link: what is deleted or truncated must be the run's own."""
+        links = links_in(self.path)
+        if links:
+            raise EntropyLabError(
+                f"refusing to {doing} {self.path}: it holds symbolic links ({shown(links)}), and entropy-lab never "
+                "deletes or rewrites through one; replace them with the real files or folders"
             )
 
     # --- creation ----------------------------------------------------------------------
@@ -190,6 +207,8 @@ class RunDir:
         try:
             if self.holds_run():
                 for entry in self.path.iterdir():  # check_removable vetted every entry
+                    if entry.name == LOCK:
+                        continue  # this process's own lock (check_target refused anyone else's)
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry)
                     else:
@@ -295,10 +314,11 @@ class RunDir:
 
     def truncate_after(self, step: int) -> None:
         """Drop metrics, evaluations and traces of steps after ``step`` (they are redone on resume)."""
+        check_real_dir(self.traces_dir, self.path)  # never a delete through a link
         for path in (self.metrics_path, self.eval_path):
             df = self._read_table(path)
             if not df.empty:
                 write_parquet_atomic(df[df["step"] <= step], path)
         for f in self.trace_files():
-            if int(f.stem[5:]) > step:
+            if int(f.stem[5:]) > step and TRACE.fullmatch(f.name) and not f.is_symlink():
                 f.unlink()

@@ -1,5 +1,9 @@
 """Write a figure as PNG and PDF.
 
+Each file is written under a temporary name and renamed into place, and only where no file
+is in the way that entropy-lab did not write (``entropy_lab.run_files``: the folder's ledger
+of written files); every file written is added to that ledger.
+
 Simplification: one fixed PNG resolution (``PNG_DPI``), chosen for small files that still
 read well in a report; dense artists (hexbins) are rasterised in the PDF by the plotting
 functions themselves.
@@ -7,9 +11,12 @@ functions themselves.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from entropy_lab.run_files import check_replaceable, record_written
 
 PNG_DPI = 130
 SUFFIXES = (".png", ".pdf")
@@ -25,17 +32,24 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
 
     Returns:
         The written paths, PNG first.
+
+    Raises:
+        EntropyLabError: a file entropy-lab did not write holds one of the names (nothing is written).
     """
     base = Path(path)
     if base.suffix.lower() in SUFFIXES:
         base = base.with_suffix("")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix in SUFFIXES:
-        target = base.parent / f"{base.name}{suffix}"
-        fig.savefig(target, dpi=PNG_DPI if suffix == ".png" else None)
-        written.append(target)
-    _close(fig)
+    written = [base.parent / f"{base.name}{suffix}" for suffix in SUFFIXES]
+    try:
+        check_replaceable(written)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for target in written:
+            tmp = target.with_name(target.name + ".tmp")
+            fig.savefig(tmp, dpi=PNG_DPI if target.suffix == ".png" else None, format=target.suffix[1:])
+            os.replace(tmp, target)
+        record_written(written)
+    finally:
+        _close(fig)
     return written
 
 

@@ -44,6 +44,7 @@ from entropy_lab.errors import EntropyLabError
 from entropy_lab.formatting import format_number
 from entropy_lab.report.entries import (
     SectionContext,
+    figure_stems,
     noise_floor,
     trace_sections,
     trace_tables,
@@ -53,6 +54,7 @@ from entropy_lab.report.entries import (
 from entropy_lab.report.json_tables import json_value, report_json
 from entropy_lab.report.load import collect, config_record, load_run_records, read_tables
 from entropy_lab.report.markdown import figure_links, markdown_table
+from entropy_lab.run_files import FIGURE_SUFFIXES, check_real_dir, check_replaceable, record_written
 from entropy_lab.runs import RunDir, write_text_atomic
 
 __all__ = [
@@ -120,7 +122,31 @@ def write_report_json(
     """
     payload = {"run": name, "scope": scope, "config": dict(config), **extra, "tables": report_json(tables)}
     write_text_atomic(json.dumps(payload, indent=2, allow_nan=False) + "\n", path)
+    record_written([path])
     return path
+
+
+def write_report_text(text: str, path: Path) -> Path:
+    """``report.md``, atomically, recorded as entropy-lab's (``entropy_lab.run_files``)."""
+    write_text_atomic(text, path)
+    record_written([path])
+    return path
+
+
+def check_outputs(out_dir: Path) -> None:
+    """Before anything is drawn: every file a report may write in ``out_dir`` is absent or entropy-lab's.
+
+    One line names every file in the way (a user's ``report.md``, a poster named like a figure);
+    nothing is written then. ``figures/`` must be a real folder inside ``out_dir``.
+    """
+    figures_dir = out_dir / FIGURES_DIRNAME
+    check_real_dir(figures_dir, out_dir)
+    stems = ["training_curves", "pass_at_k", *figure_stems()]
+    check_replaceable(
+        [out_dir / REPORT_NAME, out_dir / REPORT_JSON_NAME]
+        + [figures_dir / f"{stem}{suffix}" for stem in dict.fromkeys(stems) for suffix in FIGURE_SUFFIXES],
+        what="choose another output directory",
+    )
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -219,6 +245,7 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
         ``trace_tokens``, ``trace_steps`` and ``noise_floor`` (None without traces).
     """
     config = run.read_config()["config"]
+    check_outputs(run.path)
     metrics, evals = read_tables(run)
     records = load_run_records(run) if run.trace_files() else None
     tables = trace_tables(records, estimator) if records is not None else {}
@@ -234,7 +261,7 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
     }
     links = figure_links(written, run.path)
     text = run_markdown(run.path.name, config, summary, records, tables, links, estimator)
-    write_text_atomic(text, run.report_path)
+    write_report_text(text, run.report_path)
     json_path = write_report_json(
         run.path / REPORT_JSON_NAME, run.path.name, "run", key_facts(config), tables, summary=summary
     )
@@ -328,7 +355,8 @@ def compare_report(runs: Mapping[str, Sequence[RunDir]], out_dir: Path) -> dict:
     """
     if not runs or not any(runs.values()):
         raise EntropyLabError("compare_report needs at least one run directory")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
+    check_outputs(out_dir)
     figures_dir = out_dir / FIGURES_DIRNAME
     metrics, evals, records, listing = collect(runs)
     table = analyses.compare_runs(metrics, evals if len(evals) else None) if len(metrics) else pd.DataFrame()
@@ -343,7 +371,7 @@ def compare_report(runs: Mapping[str, Sequence[RunDir]], out_dir: Path) -> dict:
             written += _save(figures.steer_weight_distribution(per_method), figures_dir, "steer_weights")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / REPORT_NAME
-    write_text_atomic(compare_markdown(listing, table, tightness, figure_links(written, out_dir)), report)
+    write_report_text(compare_markdown(listing, table, tightness, figure_links(written, out_dir)), report)
     facts = {method: key_facts(config_record(dirs[0])) for method, dirs in runs.items() if dirs}
     tables = {"runs": pd.DataFrame(listing), "comparison": table, "tightness": tightness}
     json_path = write_report_json(out_dir / REPORT_JSON_NAME, out_dir.name, "compare", facts, tables)

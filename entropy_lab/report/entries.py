@@ -372,6 +372,11 @@ def trace_tables(records: pd.DataFrame, estimator: str = "softmax") -> dict[str,
     return {name: table for name, table in tables.items() if table is not None}
 
 
+def figure_stems() -> list[str]:
+    """The stem of every registered figure (PNG and PDF each), in registration order."""
+    return [e.figure.stem for e in REPORT_ENTRIES.values() if e.figure is not None]
+
+
 def write_trace_figures(records: pd.DataFrame, tables: Tables, out_dir: Path) -> list[Path]:
     """Write every registered figure of trace records and their ``trace_tables`` as PNG and PDF.
 

@@ -48,6 +48,8 @@ from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import LossInputs, compute_loss
 from entropy_lab.optim import OPTIMIZERS, build_optimizer
+from entropy_lab.run_files import FIGURE_SUFFIXES, check_replaceable, record_written
+from entropy_lab.runs import write_parquet_atomic, write_text_atomic
 from entropy_lab.runtime import pick_device
 from entropy_lab.stats import gather_logprobs
 from entropy_lab.trace.tracer import EntropyTracer
@@ -330,18 +332,21 @@ def write_coupling_study(
     """
     from entropy_lab.figures import coupling_study_figure, save_figure
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = run_coupling_study(cfg, callback)
-    table = study_table(records)
+    out_dir = Path(out_dir).resolve()
     paths = [
         out_dir / f"{TABLE_NAME}.csv",
         out_dir / f"{TABLE_NAME}.parquet",
         out_dir / "coupling_records.parquet",
     ]
-    table.to_csv(paths[0], index=False)
-    table.to_parquet(paths[1], index=False)
-    records.to_parquet(paths[2], index=False)
+    # before the study runs: no file of the user's is in the way of its outputs
+    check_replaceable(paths + [out_dir / f"{TABLE_NAME}{suffix}" for suffix in FIGURE_SUFFIXES])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = run_coupling_study(cfg, callback)
+    table = study_table(records)
+    write_text_atomic(table.to_csv(index=False), paths[0])
+    write_parquet_atomic(table, paths[1])
+    write_parquet_atomic(records, paths[2])
+    record_written(paths)
     shown = [e for e in FIGURE_ESTIMATORS if e in set(table["estimator"])]
     paths += save_figure(coupling_study_figure(table, shown), out_dir / TABLE_NAME)
     return {"table": table, "wide": wide_table(table), "paths": paths}

@@ -48,6 +48,7 @@ from entropy_lab.models import load_policy, load_policy_and_task
 from entropy_lab.objectives import required_inputs
 from entropy_lab.optim import build_optimizer
 from entropy_lab.rollout import Rollout, evaluate, response_stats, rewards_of, sample
+from entropy_lab.run_lock import RunLock
 from entropy_lab.runs import RunDir
 from entropy_lab.runtime import autocast, autocast_dtype, pick_device
 from entropy_lab.trace.tracer import EntropyTracer
@@ -73,6 +74,7 @@ class Trainer:
     ):
         self.cfg = validate_config(cfg)  # the whole configuration, once, before anything is loaded
         self.run = RunDir(Path(out))
+        self.lock = RunLock(self.run.path, warn=self._warn)
         self.callback = callback or (lambda event, info: None)
         self.device = pick_device(cfg.device)
         self.amp_dtype = autocast_dtype(cfg, self.device)
@@ -101,7 +103,9 @@ class Trainer:
         """Load task and policy, build optimizer and tracer; create (or restore) the run directory.
 
         The output directory is checked first and an existing run is replaced only after the
-        policy and task loaded, so no bad setting can cost an old run.
+        policy and task loaded, so no bad setting can cost an old run. With ``create_run`` the
+        run's lock is taken just before the directory is touched; ``train`` gives it back,
+        and a caller driving ``setup`` and ``train_step`` itself calls ``release_lock``.
         """
         cfg = self.cfg
         if create_run:
@@ -156,10 +160,16 @@ class Trainer:
         self.ready = True
         if not create_run:
             return
+        self.lock.acquire("--resume" if self.resume else "--overwrite" if self.overwrite else "train into")
+        self.run.check_target(overwrite=self.overwrite, resume=self.resume)  # again, now under the lock
         if self.resume:
             self._restore()
         else:
             self.run.create(cfg, overwrite=self.overwrite, extra={"warm_start": self.warm_info})
+
+    def release_lock(self) -> None:
+        """Give back the run's lock (``train`` does this itself on every exit)."""
+        self.lock.release()
 
     def _copy_policy(self):
         return copy.deepcopy(self.model).eval()
@@ -293,7 +303,13 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
     def train(self) -> pd.DataFrame:
-        """Run (or resume) to ``cfg.steps``; returns the metrics table."""
+        """Run (or resume) to ``cfg.steps``, holding the run's lock; returns the metrics table."""
+        try:
+            return self._train()
+        finally:
+            self.lock.release()  # also on an error or Ctrl-C
+
+    def _train(self) -> pd.DataFrame:
         self.setup()
         cfg = self.cfg
         with write_guard(self.run):

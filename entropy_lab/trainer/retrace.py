@@ -5,10 +5,11 @@ checkpoint at step N (loaded safely: see ``entropy_lab.checkpoints``), runs step
 tracing on, and returns where its records went. The checkpoint is never modified.
 
 With the run's own method the trace goes to ``run/traces/step_{N+1}.parquet`` when training
-did not trace that step; otherwise (another method, or the file exists) to the run directory
-``run/retrace-<method>-step_N``. With an eta grid (the linear regime: the traced tokens'
-entropy at theta + eta dtheta, ``TrainConfig.trace_eta_grid``) it always goes to its own run
-directory, ``run/eta-sweep-step_N`` (``run/eta-sweep-<method>-step_N`` for another method).
+did not trace that step; otherwise (another method, the file exists, or another process is
+training the run: ``entropy_lab.run_lock``) to the run directory ``run/retrace-<method>-step_N``.
+With an eta grid (the linear regime: the traced tokens' entropy at theta + eta dtheta,
+``TrainConfig.trace_eta_grid``) it always goes to its own run directory,
+``run/eta-sweep-step_N`` (``run/eta-sweep-<method>-step_N`` for another method).
 Either way ``CheckpointTrace.trace_path`` is the one file holding exactly that update, so its
 tables can be told apart from the run's other traces.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.run_lock import live_holder
 from entropy_lab.runs import RunDir
 from entropy_lab.trace.probes import format_eta_grid
 from entropy_lab.trainer.loop import Callback, Trainer
@@ -92,7 +94,8 @@ def trace_checkpoint(
     own_method = method == run.train_config().method
     if eta_grid:
         target = RunDir(run.path / f"eta-sweep{'' if own_method else f'-{method}'}-step_{step:06d}")
-    elif not own_method or run.trace_path(step + 1).exists():
+    elif not own_method or run.trace_path(step + 1).exists() or live_holder(run.path) is not None:
+        # a run being trained keeps its traces/ to itself: the update goes beside it
         target = RunDir(run.path / f"retrace-{method}-step_{step:06d}")
     trainer = Trainer(cfg, target.path, callback=callback)
     trainer.setup(create_run=False)
