@@ -19,9 +19,14 @@ def figures(
     ] = None,
 ) -> None:
     """Regenerate each run's figures and report.md (and a comparison with --out), no model needed."""
-    from entropy_lab.report.compose import compare_report, run_report
+    from entropy_lab.report.compose import check_outputs, compare_report, run_report
 
     runs = [RunDir(p) for p in run]
+    for rd in runs:  # before anything is written: a user's file in the way of any output is one line
+        rd.read_config()
+        check_outputs(rd.path)
+    if out is not None:
+        check_outputs(out.resolve())
     by_method: dict[str, list[RunDir]] = {}
     for rd in runs:
         method = rd.read_config()["config"]["method"]

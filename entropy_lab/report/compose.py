@@ -140,6 +140,7 @@ def check_outputs(out_dir: Path) -> None:
     nothing is written then. ``figures/`` must be a real folder inside ``out_dir``.
     """
     figures_dir = out_dir / FIGURES_DIRNAME
+    check_real_dir(out_dir, out_dir)
     check_real_dir(figures_dir, out_dir)
     stems = ["training_curves", "pass_at_k", *figure_stems()]
     check_replaceable(

@@ -15,6 +15,11 @@ tiny policy, and the other placeholders name paths of the test's workspace:
     {badcfg}   {run} with a mistyped value in config.json {badjson}  {run} with config.json that is not JSON
     {badmetrics} {run} with a corrupt metrics.parquet     {badtrace} {run} with a truncated trace file
     {nocol}    {run} whose traces lack omega_softmax
+    {usertrace} {run} plus traces/notes.txt           {modelckpt} {run} plus a model folder in checkpoints/
+    {poster}   {run} plus figures/poster.png          {ghost}    {run} spelled through a missing folder
+    {linked}   {run} whose traces/ is a link to a folder outside it
+    {locked}   {run} locked by a live process (the test's own pid)
+    {userout}  a directory holding a user's report.md
 
 Library cases: (id, name of a function in ``test_bad_inputs.py``, fragments). Each function
 performs one bad call; the test asserts it raises one ``EntropyLabError`` line with the fragments.
@@ -63,6 +68,15 @@ CLI_CASES = [
     ("overwrite-cwd", "train {base} --out . --overwrite", ["working directory"], "{run}"),
     ("overwrite-parent-of-cwd", "train {base} --out .. --overwrite", ["working directory"], "{run}/traces"),
     ("resume-and-overwrite", "train {base} --out {run} --resume --overwrite", ["exclude each other"]),
+    ("overwrite-user-file-in-traces", "train {base} --out {usertrace} --overwrite", ["did not write", "traces/notes.txt"]),
+    ("overwrite-model-in-checkpoints", "train {base} --out {modelckpt} --overwrite", ["did not write", "checkpoints/my-model/"]),
+    ("overwrite-poster-in-figures", "train {base} --out {poster} --overwrite", ["did not write", "figures/poster.png"]),
+    ("out-through-missing-folder", "train {base} --out {ghost}", ["already holds a run", "--overwrite"]),
+    ("overwrite-linked-traces", "train {base} --out {linked} --overwrite", ["traces (a symbolic link)"]),
+    ("resume-linked-traces", "train {base} --steps 3 --out {linked} --resume", ["symbolic links", "traces"]),
+    ("train-on-locked-run", "train {base} --out {locked}", ["another process", "pid"]),
+    ("resume-locked-run", "train {base} --steps 3 --out {locked} --resume", ["another process", "pid"]),
+    ("overwrite-locked-run", "train {base} --out {locked} --overwrite", ["another process", "pid"]),
     # --- resuming ---------------------------------------------------------------------------------
     ("resume-changed-config", "train {base} --steps 2 --set lr=0.01 --out {run} --resume", ["differs in", "lr"]),
     ("resume-where-no-run", "train {base} --out {empty} --resume", ["no run to resume", "without --resume"]),
@@ -88,6 +102,7 @@ CLI_CASES = [
     ("figures-missing-run", "figures --run {new}", ["no run directory"]),
     ("figures-missing-column", "figures --run {nocol}", ["omega_softmax"]),
     ("figures-corrupt-metrics", "figures --run {badmetrics}", ["metrics.parquet", "unreadable"]),
+    ("figures-out-over-users-file", "figures --run {run} --out {userout}", ["did not write", "report.md"]),
     ("compare-repeated-method", "compare grpo grpo --out {new} --quiet", ["more than once"]),
     ("compare-unknown-method", "compare grpo nope --out {new} --quiet", ["unknown method"]),
     ("compare-zero-seeds", "compare grpo --seeds 0 --out {new} --quiet", ["--seeds", "at least 1"]),

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 from entropy_lab.cli.app import app
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.run_files import LOCK
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -86,6 +88,19 @@ def workspace(tmp_path, trained, monkeypatch):
     for f in (run_copy("nocol") / "traces").glob("*.parquet"):
         pd.read_parquet(f).drop(columns=["omega_softmax"]).to_parquet(f)
     plant_payload(run_copy("evil") / "checkpoints" / "step_000002", ws / "pwned")
+    (run_copy("usertrace") / "traces" / "notes.txt").write_text("mine")
+    shutil.copytree(model, run_copy("modelckpt") / "checkpoints" / "my-model")
+    (run_copy("poster") / "figures").mkdir()
+    (ws / "poster" / "figures" / "poster.png").write_bytes(b"a poster")
+    paths["ghost"] = str(ws / "ghost" / ".." / "run")
+    linked = run_copy("linked")
+    shutil.move(linked / "traces", ws / "elsewhere")
+    (linked / "traces").symlink_to(ws / "elsewhere", target_is_directory=True)
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    (run_copy("locked") / LOCK).write_text(json.dumps({**lock, "token": "another process's"}))
+    (ws / "userout").mkdir()
+    (ws / "userout" / "report.md").write_text("my notes")
+    paths["userout"] = str(ws / "userout")
 
     # {ro} is read-only: chmod does it for a user; root ignores modes, so os.access answers as for a user
     os.chmod(ws / "ro", 0o555)
