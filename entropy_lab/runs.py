@@ -1,6 +1,8 @@
 """Run directories (docs/cli.md, Run directories): configuration, per-step metrics, traces, checkpoints.
 
     runs/<name>/.entropy-lab-run     marker: this directory is a run that entropy-lab created
+    runs/<name>/.entropy-lab-lock    while a process trains it (``entropy_lab.run_lock``)
+    runs/<name>/.entropy-lab-files   ledger of written files, also in figures/ (``entropy_lab.run_files``)
     runs/<name>/config.json          resolved configuration, seed, package versions
     runs/<name>/metrics.parquet      one row per step, rewritten atomically after every step
     runs/<name>/eval.parquet         periodic evaluation (greedy accuracy, pass@k)

@@ -10,7 +10,8 @@ step), ``resume`` (the trainer state and continuing a run), ``guards`` (the one-
 of a failed step or write); ``entropy_lab.runtime`` picks the device and autocast.
 
 Reliability: the configuration is validated and the output directory checked before
-anything is loaded or deleted; metrics are rewritten atomically after every step (a crash
+anything is loaded or deleted; ``train`` holds the run's lock (``entropy_lab.run_lock``)
+from just before the directory is touched until it returns or raises; metrics are rewritten atomically after every step (a crash
 loses at most the step in flight); checkpoints (``entropy_lab.checkpoints``) hold the
 model, optimizer, scheduler, every RNG state and the step; ``resume`` continues from the
 latest usable one (falling back past a damaged one) and, on CPU, reproduces the
