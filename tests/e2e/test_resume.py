@@ -24,6 +24,7 @@ import torch
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.models import load_policy
 from entropy_lab.records import load_records
+from entropy_lab.run_files import LOCK
 from entropy_lab.runs import RunDir
 from entropy_lab.trainer import Trainer
 
@@ -123,6 +124,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_policy_dir, 
     finish(full)
 
     killed = RunDir(killed_dir)
+    assert (killed_dir / LOCK).is_file(), "a killed run leaves its lock behind"
     assert sorted(killed.checkpoints()) == [2, 4], "step 6 was only half written"
     assert (killed.checkpoints_dir / "step_000006.tmp").is_dir()
     assert killed.read_metrics()["step"].tolist() == [1, 2, 3, 4, 5, 6]
@@ -131,6 +133,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tiny_policy_dir, 
 
     os.remove(killed_dir / "KILL_ME")
     finish(launch(script, tiny_policy_dir, killed_dir, "resume", cache=isolated_cache))
+    assert not (killed_dir / LOCK).exists()  # the stale lock was replaced, then given back
 
     reference = RunDir(full_dir)
     pd.testing.assert_frame_equal(

@@ -333,6 +333,25 @@ def test_training_holds_the_lock_and_gives_it_back_on_any_exit(
     assert not (out / LOCK).exists() and RunDir(out).read_metrics()["step"].tolist() == [1, 2]
 
 
+def test_a_run_whose_process_died_resumes_with_a_warning_naming_the_stale_lock(
+    tmp_path, small_config, tiny_policy_dir, isolated_cache, dead_pid
+):
+    from entropy_lab.errors import EntropyLabWarning
+
+    out = tmp_path / "run"
+    cfg = small_config("grpo", tiny_policy_dir, steps=1, eval_every=0)
+    Trainer(cfg, out).train()
+    lock_of(out, dead_pid)  # what a run killed with kill -9 leaves behind
+    events = []
+    with pytest.warns(EntropyLabWarning, match=f"stale lock .*pid {dead_pid}"):
+        Trainer(cfg.replace(steps=2), out, resume=True, callback=lambda e, i: events.append((e, i))).train()
+    assert [i["message"] for e, i in events if e == "warning" and "lock" in i["message"]] == [
+        f"removing the stale lock {out / LOCK}: pid {dead_pid} on host {socket.gethostname()}, "
+        "started 2026-01-01T00:00:00+00:00 is no longer running"
+    ]
+    assert RunDir(out).read_metrics()["step"].tolist() == [1, 2] and not (out / LOCK).exists()
+
+
 def test_readers_of_a_live_run_read_complete_files_and_leave_the_lock(
     tmp_path, small_config, tiny_policy_dir, isolated_cache, live_pid
 ):
@@ -354,3 +373,6 @@ def test_readers_of_a_live_run_read_complete_files_and_leave_the_lock(
     assert done.run.path == out / "retrace-grpo-step_000002"
     assert [f.name for f in run.trace_files()] == ["step_000002.parquet"]
     assert lock.read_bytes() == lock_bytes
+    # what the trainer, the report and the retrace wrote is exactly what --overwrite recognises
+    assert foreign_paths(out) == []
+    assert (out / "figures" / LEDGER).is_file() and (done.run.path / ".entropy-lab-run").is_file()
