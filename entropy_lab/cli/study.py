@@ -107,3 +107,48 @@ def coupling(
     paths = cast(list[Path], result["paths"])
     written = ", ".join(str(p) for p in paths if p.suffix != ".pdf")
     console.print(f"{time.perf_counter() - start:.0f} s; wrote {written}")
+
+
+@study_app.command("noise-floor")
+@friendly_errors
+def noise_floor(
+    run: Annotated[Path, typer.Option(help="A run directory with checkpoints.")],
+    step: Annotated[int | None, typer.Option(help="Checkpoint step to start from (default: latest).")] = None,
+    lr: Annotated[str, typer.Option(help="Learning rates of the traced updates (default: the run's).")] = "",
+    bf16: Annotated[bool, typer.Option(help="Also trace each update under bf16 autocast.")] = True,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: RUN/noise-floor-step_N).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """How large a traced entropy change is against a zero step and against bf16 rounding."""
+    from entropy_lab.runs import RunDir
+    from entropy_lab.studies.noise_floor import write_noise_floor
+
+    rd = RunDir(run)
+    if not rd.holds_run():
+        raise EntropyLabError(f"{run} is not an entropy-lab run directory (no run config.json)")
+    lrs = parse_list(lr, "--lr") if lr else None
+    if step is None and rd.checkpoints():
+        step = list(rd.checkpoints())[-1]
+    target = out or rd.path / f"noise-floor-step_{step or 0:06d}"
+    quiet_transformers()
+    start = time.perf_counter()
+    with NoiseFloorProgress(quiet) as progress:
+        table, paths = write_noise_floor(rd, target, step=step, lrs=lrs, bf16=bf16, callback=progress)
+    print_table(table, "noise floor of delta_entropy: each update against the fp32 update of its lr")
+    console.print(f"{time.perf_counter() - start:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+
+
+class NoiseFloorProgress(ProgressCallback):
+    """Noise-floor callback drawing one bar over the traced settings."""
+
+    def __init__(self, quiet: bool = False):
+        self.progress = progress_bar("setting", quiet)
+        self.task = None
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "start":
+            self.task = self.progress.add_task("noise floor", total=info["total"], setting="")
+        elif event == "setting":
+            self.progress.update(self.task, completed=info["done"], setting=info["name"])

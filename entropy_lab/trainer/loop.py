@@ -256,10 +256,19 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """Rollout, rewards, the batch and its updates; returns the step's metrics."""
-        cfg = self.cfg
         t0 = time.perf_counter()
         with sampling_guard(self.run, step):
             ro, rewards, _ = self.rollout()
+        metrics = self.learn(step, ro, rewards)
+        metrics["time/step_s"] = time.perf_counter() - t0
+        return metrics
+
+    def learn(self, step: int, ro: Rollout, rewards: torch.Tensor) -> dict:
+        """The step's updates on a sampled batch (traced when due); returns the step's metrics.
+
+        Split from ``train_step`` so a study can apply several updates to one rollout.
+        """
+        cfg = self.cfg
         with self.autocast():
             ref_lp = (
                 None
@@ -274,7 +283,6 @@ class Trainer:
             batch = make_batch(cfg, self.run, step, ro, rewards, old, ref_lp)
             metrics = batch_metrics(step, batch)
             metrics.update(self.update(step, batch))
-        metrics["time/step_s"] = time.perf_counter() - t0
         return metrics
 
     def update(self, step: int, batch: RolloutBatch) -> dict:
