@@ -57,7 +57,7 @@ from entropy_lab.integrations.trl.annotate import annotate_project_loss, annotat
 from entropy_lab.integrations.trl.losses import get_loss_type
 from entropy_lab.integrations.trl.methods import TrlSettings, base_config, resolve_trl_method
 from entropy_lab.integrations.trl.project_loss import batch_context, project_loss
-from entropy_lab.integrations.trl.run import TrlRunWriter
+from entropy_lab.integrations.trl.run import TrlRunWriter, check_run_dir
 from entropy_lab.integrations.trl.window import TemperedLM, TracedStepBatch
 from entropy_lab.trace.tracer import EntropyTracer
 
@@ -75,7 +75,8 @@ class TracedGRPOTrainer(GRPOTrainer):
             ``{"steer_lambda_min": 0.7}``).
         run_dir: where config.json, metrics.parquet and traces/ go (default ``args.output_dir``).
         overwrite_run: replace an entropy-lab run already in ``run_dir`` (else it is an error,
-            unless training resumes from a checkpoint).
+            unless training resumes from a checkpoint); only a run holding nothing entropy-lab
+            did not write is replaced (``run.check_run_dir``), never a model or a user's files.
     """
 
     _step: int  # TRL's buffered-slice counter, set by GRPOTrainer
@@ -94,8 +95,13 @@ class TracedGRPOTrainer(GRPOTrainer):
         targs = kwargs.get("args")
         if targs is None:
             raise EntropyLabError("TracedGRPOTrainer needs args=GRPOConfig(...) as a keyword argument")
-        if trace_every < 0:
-            raise EntropyLabError(f"trace_every must be >= 0, got {trace_every}")
+        check_trace_arguments(trace_every, trace_max_positions)
+        if method is None and method_overrides:
+            raise EntropyLabError(
+                "method_overrides apply to a catalogue method: pass method=... too, or drop method_overrides"
+            )
+        run_path = Path(run_dir if run_dir is not None else targs.output_dir)
+        check_run_dir(run_path, overwrite=overwrite_run, resuming=None)  # before the model is loaded
         settings = TrlSettings.from_args(targs)
         get_loss_type(settings.loss_type)  # unknown loss_types are one clear line
         self._el_cfg = None if method is None else resolve_trl_method(method, method_overrides, settings)
@@ -105,19 +111,23 @@ class TracedGRPOTrainer(GRPOTrainer):
         pad = getattr(getattr(self, "_tokenizer", None), "pad_token_id", None)
         self._pad_id = int(pad) if pad is not None else 0
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._traced_model = TemperedLM(base, self.temperature, self.accelerator.autocast)
+        # The tracer's own forwards run without TRL's mixed-precision autocast, in the weights' dtype:
+        # under bf16=True with fp32 weights they are exact fp32 (see docs/integrations.md).
+        self._traced_model = TemperedLM(base, self.temperature, _no_autocast(self.accelerator.device.type))
         record_cfg = (self._el_cfg or base_config(settings)).replace(
-            method=method or f"trl-{settings.loss_type}", steps=int(self.args.max_steps)
+            method=method or f"trl-{settings.loss_type}",
+            steps=int(self.args.max_steps),
+            dtype="bfloat16" if self.args.bf16 else "float32" if not self.args.fp16 else "auto",
         )
         self._record_cfg = record_cfg
         self._tracer = EntropyTracer(
             self._traced_model,
             max_positions=trace_max_positions,
             seed=settings.seed,
-            config={**record_cfg.to_dict(), "engine": "trl"},
+            config={**record_cfg.to_dict(), "engine": "trl", "trace_precision": _trace_precision(base)},
         )
         self._run = TrlRunWriter(
-            Path(run_dir if run_dir is not None else self.args.output_dir),
+            run_path,
             record_cfg,
             trl_args=self.args.to_dict(),
             overwrite=overwrite_run,
@@ -255,6 +265,35 @@ class TracedGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
         if train_row:
             self._run.write_metrics(int(self.state.global_step), logs)
+
+
+def check_trace_arguments(trace_every, trace_max_positions) -> None:
+    """One EntropyLabError line for a ``trace_every`` or ``trace_max_positions`` of the wrong type or range."""
+    if isinstance(trace_every, bool) or not isinstance(trace_every, int) or trace_every < 0:
+        raise EntropyLabError(
+            f"trace_every must be a whole number >= 0 (0 never traces), got {trace_every!r}"
+        )
+    m = trace_max_positions
+    if m is None:
+        return
+    if isinstance(m, bool) or not isinstance(m, (int, float)):
+        raise EntropyLabError(
+            f"trace_max_positions must be None, a count (int >= 1) or a fraction (float in (0, 1]), got {m!r}"
+        )
+    # int counts and float fractions are range-checked by the tracer itself
+
+
+def _no_autocast(device_type: str):
+    """A context factory that switches autocast off on ``device_type`` (TemperedLM's forwards)."""
+    return lambda: torch.autocast(device_type, enabled=False)
+
+
+def _trace_precision(model: torch.nn.Module) -> str:
+    """What the tracer's forwards compute in: the weights' dtype, never autocast."""
+    dtypes = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    )
+    return f"{'/'.join(dtypes) or 'float32'} weights, no autocast"
 
 
 class _CloseWindow(TrainerCallback):
