@@ -31,6 +31,8 @@ Deliberate simplifications:
   trains, softmax(z / temperature), with its own forwards (pre-update at the optimizer step,
   post-update after it): ``omega_logit_grad`` is NaN in TRL traces (the report's decomposition
   then starts from ``softmax``), and the tracer's extra cost is two no-grad forwards.
+- The tracer's forwards run without TRL's mixed-precision autocast (accelerate's wrapper of the
+  model's forward bypassed), in the weights' dtype: exact fp32 under ``bf16=True`` with fp32 weights.
 - The tracer's forwards call the unwrapped model (no DDP buffer broadcast); under
   torch.distributed the tracer itself keeps the ranks' forward counts in step and adds
   ``rank``. Tested with DDP over gloo (2 CPU processes); FSDP and ZeRO-3 are not tested.
