@@ -44,6 +44,7 @@ CLI_CASES = [
     ("dual-clip-below-1", "train {base} --set dual_clip_c=0.5 --out {new}", ["dual_clip_c", "> 1"]),
     ("mini-batches-above-batch", "train {base} --set mini_batches=100 --out {new}", ["mini_batches", "exceeds"]),
     ("device-unknown", "train {base} --set device=tpu --out {new}", ["device", "cpu"]),
+    ("cov-selection-unknown", "train {base} --set cov_selection=local --out {new}", ["cov_selection", "per-call"]),
     ("int-field-given-text", "train {base} --set samples_per_prompt=abc --out {new}", ["samples_per_prompt", "expects int"]),
     ("float-field-given-text", "train --set lr=fast --out {new}", ["expects float"]),
     ("unknown-config-key", "train --set lrr=1 --out {new}", ["unknown config key", "lr"]),

@@ -151,6 +151,7 @@ VERL_OWNS = {
     "model": "actor_rollout_ref.model.path",
     "eval_every": "trainer.test_freq",
     "checkpoint_every": "trainer.save_freq",
+    "cov_selection": "verl's call of the loss per micro-batch (only per-call selection is possible)",
 }
 """TrainConfig key -> the verl setting that decides it; ``ENTROPY_LAB_VERL_SET`` refuses these keys."""
 
@@ -195,7 +196,8 @@ def train_config(objective: str, config: Any, loss_agg_mode: str, response_lengt
         raise EntropyLabError(
             "loss_agg_mode=token-sum has no entropy-lab equivalent; use token-mean or a seq-mean mode"
         )
-    verl_keys: dict = {"loss_agg": agg, "kl_coef": 0.0, "entropy_coef": 0.0}
+    # verl calls the loss once per micro-batch with no view of the others: selection is per call
+    verl_keys: dict = {"loss_agg": agg, "kl_coef": 0.0, "entropy_coef": 0.0, "cov_selection": "per-call"}
     if config is not None:
         eps = config.clip_ratio
         verl_keys.update(

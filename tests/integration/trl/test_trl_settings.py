@@ -136,6 +136,7 @@ SETTINGS = TrlSettings(
         ({"steer_lambda_min": "0.7"}, "'steer_lambda_min' expects float"),
         ({"steer_lambda_min": 2.5}, "steer_lambda_min"),
         ({1: 0.7}, "keys must be config key names"),
+        ({"cov_selection": "global"}, "cov_selection='global' runs in the bundled trainer only"),
         ([("steer_lambda_min", 0.7)], "must be a mapping"),
         ("steer_lambda_min=0.7", "must be a mapping"),
     ],
@@ -144,6 +145,11 @@ def test_method_overrides_are_checked(overrides, match):
     with pytest.raises(EntropyLabError, match=match) as err:
         resolve_trl_method("steer", overrides, SETTINGS)
     assert "\n" not in str(err.value)
+
+
+def test_cov_selection_on_trl_is_per_call_and_recorded():
+    cfg = resolve_trl_method("clip-cov", None, SETTINGS)
+    assert cfg.cov_selection == "per-call"
 
 
 def test_controller_methods_are_refused_on_trl():

@@ -160,6 +160,7 @@ def test_every_loss_at_verls_defaults_where_the_dual_clip_binds(plugin, objectiv
         ("clip_eps_high=0.3", r"clip_eps_high \(actor.clip_ratio_high\)"),
         ("steer_lambda_min=0.7,steer_lambda_min=0.8", "steer_lambda_min more than once"),
         ("trace_every=5", "no verl policy loss reads"),
+        ("cov_selection=global", "only per-call selection is possible"),
         ("no_such_key=1", "ENTROPY_LAB_VERL_SET: unknown config key"),
     ],
 )
@@ -176,6 +177,7 @@ def test_env_overrides_of_the_methods_own_parameters_apply(plugin, monkeypatch):
     monkeypatch.setenv(ev.OVERRIDES_ENV, "steer_lambda_min=0.7,steer_map=linear")
     cfg = ev.train_config("steer", ActorConfig(), "token-mean", T)
     assert (cfg.steer_lambda_min, cfg.steer_map, cfg.dual_clip_c) == (0.7, "linear", 3.0)
+    assert ev.train_config("clip-cov", ActorConfig(), "token-mean", T).cov_selection == "per-call"
 
 
 def test_a_plugin_that_cannot_import_warns_when_verl_imports_it(monkeypatch):
