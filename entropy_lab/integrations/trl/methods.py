@@ -277,13 +277,8 @@ def resolve_trl_method(method: str, overrides: dict | None, s: TrlSettings) -> T
     for bad, what in refusals:
         if bad:
             raise EntropyLabError(f"method {method!r} replaces TRL's loss, which then cannot apply {what}")
-    if overrides.get("cov_selection", "per-call") != "per-call":
-        raise EntropyLabError(
-            "the TRL trainer selects Clip-Cov / KL-Cov tokens per loss call (one micro-batch of one rank); "
-            "cov_selection='global' runs in the bundled trainer only: drop the override"
-        )
     pins = user_pins(s)
-    cfg = resolve_config(method, {**overrides, **pins, "cov_selection": "per-call"}, base_config(s))
+    cfg = resolve_config(method, {**overrides, **pins}, base_config(s))
     displaced = [
         f"{_pin_source(k, s)}={v} (its preset: {k}={preset.defaults[k]})"
         for k, v in pins.items()

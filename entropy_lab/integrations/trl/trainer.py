@@ -39,8 +39,12 @@ Deliberate simplifications:
 - A traced step prepares its micro-batches at its start instead of one by one; generation runs
   in the same order with the same parameters, so only the RNG draws of active dropout between
   micro-batches could differ (TRL runs without dropout unless the model config has it).
-- Clip-Cov, KL-Cov and Fork tokens select per micro-batch and rank; STEER's ``steer_norm='batch'``
-  takes min / max |omega| over the whole generation batch of all ranks.
+- Clip-Cov and KL-Cov choose their tokens over the optimizer step's micro-batches and ranks
+  (``cov_selection='global'``, the default; the step's micro-batches are then prepared at its
+  start, as for a traced step, plus one no-grad forward each), or per call with
+  ``method_overrides={"cov_selection": "per-call"}``. Fork tokens select per micro-batch and
+  rank; STEER's ``steer_norm='batch'`` takes min / max |omega| over the whole generation batch
+  of all ranks.
 
 References: TRL 1.16.0 ``trl/trainer/grpo_trainer.py``; transformers ``Trainer._run_epoch``.
 """
@@ -58,9 +62,10 @@ from entropy_lab.integrations.trl._inputs import OLD_ENTROPY_KEY
 from entropy_lab.integrations.trl.annotate import annotate_project_loss, annotate_trl_loss
 from entropy_lab.integrations.trl.losses import get_loss_type
 from entropy_lab.integrations.trl.methods import TrlSettings, base_config, resolve_trl_method
-from entropy_lab.integrations.trl.project_loss import batch_context, project_loss
+from entropy_lab.integrations.trl.project_loss import batch_context, project_loss, select_over_step
 from entropy_lab.integrations.trl.run import TrlRunWriter, check_run_dir
 from entropy_lab.integrations.trl.window import TemperedLM, TracedStepBatch
+from entropy_lab.objectives.cov_select import uses_global_selection
 from entropy_lab.trace.tracer import EntropyTracer
 
 
@@ -109,6 +114,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         self._el_cfg = None if method is None else resolve_trl_method(method, method_overrides, settings)
         super().__init__(*args, **kwargs)
         self._el_settings = settings
+        self._cov_global = self._el_cfg is not None and uses_global_selection(self._el_cfg)
         self._trace_every = int(trace_every)
         pad = getattr(getattr(self, "_tokenizer", None), "pad_token_id", None)
         self._pad_id = int(pad) if pad is not None else 0
@@ -166,7 +172,7 @@ class TracedGRPOTrainer(GRPOTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         step = self.state.global_step + 1
-        if batch_samples and self._traced(step):
+        if batch_samples and (self._traced(step) or self._cov_global):
             base, was_training = self._step, self.model.training
             self.model.train()
             prepared = []
@@ -177,10 +183,13 @@ class TracedGRPOTrainer(GRPOTrainer):
             finally:
                 self._step = base
                 self.model.train(was_training)
+            if self._cov_global:
+                select_over_step(self, prepared)
             self._queue = prepared
-            self._window = TracedStepBatch(
-                prepared, step, self._update_index(step), self._tracer, self._pad_id
-            )
+            if self._traced(step):
+                self._window = TracedStepBatch(
+                    prepared, step, self._update_index(step), self._tracer, self._pad_id
+                )
         return batch_samples, num_items
 
     def _prepare_inputs(self, generation_batch):

@@ -136,7 +136,6 @@ SETTINGS = TrlSettings(
         ({"steer_lambda_min": "0.7"}, "'steer_lambda_min' expects float"),
         ({"steer_lambda_min": 2.5}, "steer_lambda_min"),
         ({1: 0.7}, "keys must be config key names"),
-        ({"cov_selection": "global"}, "cov_selection='global' runs in the bundled trainer only"),
         ([("steer_lambda_min", 0.7)], "must be a mapping"),
         ("steer_lambda_min=0.7", "must be a mapping"),
     ],
@@ -147,9 +146,38 @@ def test_method_overrides_are_checked(overrides, match):
     assert "\n" not in str(err.value)
 
 
-def test_cov_selection_on_trl_is_per_call_and_recorded():
-    cfg = resolve_trl_method("clip-cov", None, SETTINGS)
-    assert cfg.cov_selection == "per-call"
+def _detached_counts(run, step_rows: int) -> list[tuple[int, int, list[int]]]:
+    """Per trace file: (detached tokens, valid tokens, valid tokens per micro-batch of ``step_rows`` rows)."""
+    out = []
+    for f in RunDir(run).trace_files():
+        df, _ = load_records(f)
+        micro = (df["sample"] // step_rows).value_counts().sort_index().tolist()
+        out.append((int((df["intervention_weight"] == 0).sum()), len(df), micro))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_clip_cov_chooses_over_the_whole_step_by_default(model_dir, tmp_path):
+    """Gradient accumulation 2: the step detaches max(1, int(ratio N_step)) tokens (global), the per-call
+    setting max(1, int(ratio N_m)) per micro-batch; every response token is traced, so the records count them."""
+    overrides = {"clip_cov_ratio": 0.3, "clip_cov_lb": -1e9, "clip_cov_ub": 1e9}
+    counts = {}
+    for selection in ("global", "per-call"):
+        run = tmp_path / selection
+        extra = {} if selection == "global" else {"cov_selection": "per-call"}
+        t = _trainer(
+            model_dir, run, method="clip-cov", method_overrides={**overrides, **extra}, loss_type="dapo",
+            gradient_accumulation_steps=2, max_steps=2, learning_rate=0.3,
+        )  # fmt: skip
+        assert t._el_cfg.cov_selection == selection
+        t.train()
+        assert json.loads((run / "config.json").read_text())["config"]["cov_selection"] == selection
+        counts[selection] = _detached_counts(run, 4)
+    for detached, n, _ in counts["global"]:
+        assert detached == max(1, int(0.3 * n))
+    for detached, _, micro in counts["per-call"]:
+        assert len(micro) == 2 and detached == sum(max(1, int(0.3 * m)) for m in micro)
+    assert [c[0] for c in counts["global"]] != [c[0] for c in counts["per-call"]]
 
 
 def test_controller_methods_are_refused_on_trl():
