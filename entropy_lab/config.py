@@ -150,6 +150,9 @@ class TrainConfig:
     """KL-Cov: fraction of tokens penalised (Cui et al. 2025)."""
     kl_cov_coef: Annotated[float, NonNegative] = 1.0
     """KL-Cov: penalty coefficient on |logp - logp_old|."""
+    cov_selection: Annotated[str, OneOf("global", "per-call")] = "global"
+    """Clip-Cov / KL-Cov: choose the tokens over the whole update (global: micro-batches and ranks,
+    as the methods define it) or per loss call (per-call: one micro-batch, as the reference code)."""
     fork_rho: Annotated[float, Unit] = 0.2
     """Fork tokens: fraction of highest-entropy tokens that keep gradient (Wang et al. 2025)."""
     w_reinforce_lambda: Annotated[float, NonNegative] = 0.1

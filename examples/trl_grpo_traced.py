@@ -60,7 +60,7 @@ args = GRPOConfig(
     output_dir=str(RUN), per_device_train_batch_size=8, num_generations=8, max_completion_length=4,
     gradient_accumulation_steps=2, num_iterations=2, max_steps=16, learning_rate=1e-3, temperature=1.0,
     loss_type="dapo", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-    disable_tqdm=True, bf16=False,  # fp32: TRL's default bf16 autocast would blur the measured changes
+    disable_tqdm=True, bf16=False,  # fp32 training (the records are fp32 under bf16 too)
 )  # fmt: skip
 trainer = TracedGRPOTrainer(
     model=str(model_dir), reward_funcs=correct, args=args, train_dataset=data, processing_class=tok,

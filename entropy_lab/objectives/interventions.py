@@ -17,9 +17,10 @@ Registry names:
 - ``steer`` (Hao et al. 2025): lambda from ``entropy_lab.steer`` multiplies the core's loss without
   gradient; the release runs it with dual clip c = 10 and eps_high 0.28 (the ``steer`` preset).
 
-Deliberate simplification: Clip-Cov, KL-Cov and Fork tokens select over the valid tokens of
-*one call*: with gradient accumulation the selection is per micro-batch (as in verl). STEER can
-normalise per batch.
+Clip-Cov and KL-Cov select over the valid tokens of one call unless ``LossInputs.selected``
+holds the tokens chosen over the whole update (``cov_select``, ``cov_selection='global'``).
+Deliberate simplification: Fork tokens select per call (per micro-batch); STEER can normalise
+per batch.
 
 References: Shao et al. 2024 (GRPO); Yu et al. 2025 (DAPO); Cui et al. 2025 (arXiv 2505.22617);
 Wang et al. 2025 (arXiv 2506.01939); Zhu et al. 2025 (arXiv 2506.01347); Cheng et al. 2025
@@ -60,11 +61,14 @@ def clip_cov_objective(inputs: LossInputs, cfg: TrainConfig) -> ObjectiveTerms:
     valid = inputs.valid
     cov = token_covariance(inputs.logprob, inputs.advantages, valid)  # (B, T)
     band = valid & (core.clip_indicator > 0) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
-    n_pick = max(1, int(cfg.clip_cov_ratio * int(valid.sum())))
-    idx = band.flatten().nonzero().squeeze(-1)  # (n_band,)
-    gen = inputs.generator
-    perm = torch.randperm(idx.numel(), generator=gen, device=gen.device if gen is not None else "cpu")
-    chosen = idx[perm[:n_pick].to(idx.device)]
+    if inputs.selected is not None:  # chosen over the whole update (cov_select)
+        chosen = (inputs.selected & valid).flatten().nonzero().squeeze(-1)
+    else:
+        n_pick = max(1, int(cfg.clip_cov_ratio * int(valid.sum())))
+        idx = band.flatten().nonzero().squeeze(-1)  # (n_band,)
+        gen = inputs.generator
+        perm = torch.randperm(idx.numel(), generator=gen, device=gen.device if gen is not None else "cpu")
+        chosen = idx[perm[:n_pick].to(idx.device)]
     weight = torch.ones(valid.numel(), dtype=core.loss.dtype, device=valid.device)
     weight[chosen] = 0.0
     weight = weight.view(valid.shape)  # (B, T)
@@ -84,7 +88,9 @@ def kl_cov_objective(inputs: LossInputs, cfg: TrainConfig) -> ObjectiveTerms:
     cov = token_covariance(inputs.logprob, inputs.advantages, valid)  # (B, T)
     n_valid = int(valid.sum())
     penalised = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
-    if n_valid > 0:
+    if inputs.selected is not None:  # chosen over the whole update (cov_select)
+        penalised = (inputs.selected & valid).flatten()
+    elif n_valid > 0:
         k = max(1, int(cfg.kl_cov_ratio * n_valid))
         scores = torch.where(valid, cov, torch.full_like(cov, -math.inf)).flatten()
         penalised[torch.topk(scores, k).indices] = True

@@ -33,6 +33,8 @@ class LossInputs:
     old_entropy: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)
     collision: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)  # (B, T) current C, no grad
     ref_logprob: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)  # (B, T) reference policy
+    # (B, T) bool tokens chosen over the whole update (Clip-Cov / KL-Cov, ``cov_select``); None: per call
+    selected: torch.Tensor | None = field(default=None, metadata=PER_TOKEN)
     num_tokens: float | None = None  # valid tokens in the whole mini-batch (default: this call's)
     num_seqs: float | None = None  # sequences in the whole mini-batch (default: this call's B)
     context: dict = field(default_factory=dict)  # the objective's prepare() output for this rollout batch

@@ -15,7 +15,10 @@ run's ``traces/`` file of the step.
 
 Simplifications: the micro-batches of a mini-batch are contiguous slices of its rows; the
 loss of each is normalised by the whole mini-batch's token and sequence counts, so their
-gradients sum to the mini-batch's.
+gradients sum to the mini-batch's. Clip-Cov / KL-Cov with ``cov_selection='global'`` and more
+than one micro-batch choose their tokens over the whole mini-batch first, from one extra no-grad
+forward per micro-batch (``objectives.cov_select``); the tracer sees that forward at the
+update's parameters, so it records the same pre-update values.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from entropy_lab.config import TrainConfig
 from entropy_lab.controllers import Controller, control_context
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.objectives import compute_loss, prepare_context, required_inputs
+from entropy_lab.objectives.cov_select import select_tokens, uses_global_selection
 from entropy_lab.records import save_records
 from entropy_lab.rollout import Rollout, mean_response_entropy
 from entropy_lab.runs import RunDir
@@ -119,6 +123,8 @@ class MicroBatch:
     num_tokens: float  # the update's valid response tokens: the loss normaliser
     num_seqs: float  # the update's sequences
     stats: PolicyStats  # (m, T) each
+    selected: torch.Tensor | None = None
+    """(m, T) bool Clip-Cov / KL-Cov tokens chosen over the whole update; None: chosen per call."""
 
 
 def make_batch(
@@ -271,10 +277,32 @@ class Updater:
         need = required_inputs(self.cfg)
         n_tok, n_seq = float(batch.mask[mb].sum()), float(len(mb))  # the mini-batch's normalisers
         micro = self.cfg.micro_batch_size or len(mb)
-        for offset in range(0, len(mb), micro):
-            rows = mb[offset : offset + micro]  # (m,)
+        chunks = [mb[offset : offset + micro] for offset in range(0, len(mb), micro)]  # (m,) each
+        selected: list[torch.Tensor | None] = [None] * len(chunks)
+        if len(chunks) > 1 and uses_global_selection(self.cfg):
+            selected = list(self._select_over_update(batch, chunks))
+        offset = 0
+        for rows, sel in zip(chunks, selected, strict=True):
             stats = policy_stats(self.model, batch.rollout, rows, need, autocast=self.autocast)
-            yield MicroBatch(batch, rows, offset, n_tok, n_seq, stats)
+            yield MicroBatch(batch, rows, offset, n_tok, n_seq, stats, sel)
+            offset += len(rows)
+
+    @torch.no_grad()
+    def _select_over_update(self, batch: RolloutBatch, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Clip-Cov / KL-Cov tokens of the whole update, (m, T) per micro-batch, from a no-grad forward
+        of each micro-batch at the update's parameters (one extra forward per micro-batch)."""
+        parts = []
+        for rows in chunks:
+            stats = policy_stats(self.model, batch.rollout, rows, frozenset(), autocast=self.autocast)
+            parts.append(
+                {
+                    "logprob": stats.logprob,
+                    "old_logprob": batch.old_logprob[rows],
+                    "advantages": batch.token_advantages[rows],
+                    "mask": batch.mask[rows],
+                }
+            )
+        return select_tokens(parts, self.cfg, self.streams.loss_gen)
 
     def _single_micro_batch(
         self, step: int, ro: Rollout, rewards: torch.Tensor, ref_lp: torch.Tensor | None, rows: torch.Tensor
@@ -298,6 +326,7 @@ class Updater:
             num_tokens=micro.num_tokens,
             num_seqs=micro.num_seqs,
             generator=self.streams.loss_gen,
+            selected=micro.selected,
         )
         out = compute_loss(inputs, self.cfg)
         if not torch.isfinite(out.loss):

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 OLD_ENTROPY_KEY = "old_per_token_entropy"
 """Key under which the trainer adds the rollout policy's per-token entropies (b, C) to TRL's batch."""
 
+SELECTED_KEY = "entropy_lab_cov_selected"
+"""Key under which the trainer adds the Clip-Cov / KL-Cov tokens chosen over the whole step (b, C) bool."""
+
 
 def _loss_mask(batch: dict) -> torch.Tensor:
     """The completion tokens TRL's loss counts (b, C): the completion mask, times the tool mask if any."""

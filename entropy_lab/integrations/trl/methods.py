@@ -17,14 +17,25 @@ tensors:
 
 The aggregation itself always follows TRL's ``loss_type`` (``losses``); the preset's
 ``loss_agg`` is replaced by it on every call.
+
+Precedence (what the recorded config says is what runs): GRPOConfig's values that the user set
+away from GRPOConfig's defaults (``epsilon``, ``epsilon_high``, ``delta``, ``beta``) win over the
+method's preset, read as TRL reads them (``epsilon_high`` unset follows ``epsilon``), and each
+preset value they displace is named in one ``EntropyLabWarning``. ``method_overrides`` set only
+the method's own parameters: a key with a GRPOConfig field or trainer argument of its own
+(``TRL_FIELDS``) is refused with one line naming that field, so each setting has one place.
+Deliberate simplification: a GRPOConfig value set explicitly to its default counts as unset.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from entropy_lab.config import TrainConfig
-from entropy_lab.errors import EntropyLabError
+from entropy_lab.errors import EntropyLabError, EntropyLabWarning
 from entropy_lab.integrations.trl.losses import get_loss_type, mapped_loss_types
 from entropy_lab.methods import get_method, resolve_config
 from entropy_lab.objectives import required_inputs
@@ -39,8 +50,58 @@ REWARD_SIDE = {
 }
 """Catalogue methods that act on advantages or rewards, which TRL computes itself."""
 
-TRL_OWNS = ("advantage", "loss_agg", "unlikeliness_beta")
-"""TrainConfig keys that TRL's own settings decide; overriding them on the TRL trainer is an error."""
+TRL_FIELDS = {
+    "lr": "learning_rate",
+    "temperature": "temperature",
+    "seed": "seed",
+    "top_p": "top_p",
+    "max_new_tokens": "max_completion_length",
+    "samples_per_prompt": "num_generations",
+    "prompts_per_step": "per_device_train_batch_size and num_generations",
+    "steps": "max_steps",
+    "optimizer": "optim",
+    "weight_decay": "weight_decay",
+    "warmup_steps": "warmup_steps",
+    "grad_clip": "max_grad_norm",
+    "ppo_epochs": "num_iterations",
+    "mini_batches": "steps_per_generation",
+    "micro_batch_size": "per_device_train_batch_size",
+    "clip_eps_low": "epsilon",
+    "clip_eps_high": "epsilon_high",
+    "dual_clip_c": "delta",
+    "kl_coef": "beta",
+    "advantage": "scale_rewards",
+    "loss_agg": "loss_type",
+    "dtype": "bf16 / fp16",
+    "device": "use_cpu",
+    "eval_every": "eval_steps",
+    "checkpoint_every": "save_steps",
+}
+"""TrainConfig key -> the GRPOConfig field that sets it on the TRL trainer."""
+
+TRAINER_ARGS = {
+    "task": "train_dataset",
+    "dataset": "train_dataset",
+    "model": "model",
+    "trace_every": "trace_every",
+    "trace_max_positions": "trace_max_positions",
+}
+"""TrainConfig key -> the TracedGRPOTrainer argument that sets it."""
+
+NOT_ON_TRL = {
+    "unlikeliness_beta": "it reshapes rewards, which TRL computes itself",
+    "controller": "controllers act between the bundled trainer's updates; TRL has GRPOConfig(entropy_coef=..., "
+    "use_adaptive_entropy=True) with method=None",
+    "trace_jvp": "the TRL trainer's tracer runs without the jvp pass",
+    "trace_eta_grid": "the TRL trainer's tracer runs without the step-size probe",
+    "eval_prompts": "evaluation is TRL's (eval_dataset)",
+    "eval_k": "evaluation is TRL's (eval_dataset)",
+    "preset_applied": "it is internal",
+}
+"""TrainConfig keys that have no meaning on the TRL trainer: overriding them is an error."""
+
+MAPPED_GRPO_FIELDS = {"epsilon": 0.2, "epsilon_high": None, "delta": None, "beta": 0.0}
+"""GRPOConfig fields a method's preset also sets, with GRPOConfig's defaults (TRL 1.16)."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +126,14 @@ class TrlSettings:
     entropy_coef: float = 0.0
     use_adaptive_entropy: bool = False
     use_bias_correction_kl: bool = False
+    explicit: frozenset[str] = frozenset()
+    """GRPOConfig fields of ``MAPPED_GRPO_FIELDS`` whose value differs from GRPOConfig's default."""
 
     @classmethod
     def from_args(cls, args) -> TrlSettings:
         eps = float(args.epsilon)
         return cls(
+            explicit=_explicit_fields(args),
             loss_type=str(args.loss_type),
             epsilon_low=eps,
             epsilon_high=float(args.epsilon_high if args.epsilon_high is not None else eps),
@@ -91,6 +155,75 @@ class TrlSettings:
             use_adaptive_entropy=bool(getattr(args, "use_adaptive_entropy", False)),
             use_bias_correction_kl=bool(getattr(args, "use_bias_correction_kl", False)),
         )
+
+
+def _explicit_fields(args) -> frozenset[str]:
+    """The ``MAPPED_GRPO_FIELDS`` of ``args`` set away from their dataclass defaults."""
+    defaults = dict(MAPPED_GRPO_FIELDS)
+    if dataclasses.is_dataclass(args):
+        for f in dataclasses.fields(args):
+            if f.name in defaults and f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+    return frozenset(k for k, d in defaults.items() if getattr(args, k, d) != d)
+
+
+def user_pins(s: TrlSettings) -> dict:
+    """TrainConfig values fixed by what the user set in GRPOConfig (``explicit``), read as TRL reads them."""
+    pins: dict = {}
+    if "epsilon" in s.explicit:
+        pins["clip_eps_low"] = s.epsilon_low
+    if "epsilon_high" in s.explicit or "epsilon" in s.explicit:
+        pins["clip_eps_high"] = s.epsilon_high  # TRL: epsilon_high unset means epsilon
+    if "delta" in s.explicit:
+        pins["dual_clip_c"] = s.delta
+    if "beta" in s.explicit:
+        pins["kl_coef"] = s.beta
+    return pins
+
+
+def _pin_source(key: str, s: TrlSettings) -> str:
+    """The GRPOConfig field a pinned TrainConfig key comes from, for the warning."""
+    if key == "clip_eps_high" and "epsilon_high" not in s.explicit:
+        return "epsilon_high (unset, so epsilon)"
+    return {
+        "clip_eps_low": "epsilon",
+        "clip_eps_high": "epsilon_high",
+        "dual_clip_c": "delta",
+        "kl_coef": "beta",
+    }[key]
+
+
+def check_overrides(overrides) -> dict:
+    """``method_overrides`` as a dict, or one EntropyLabError: not a mapping, a non-text key, or a key
+    that a GRPOConfig field or trainer argument sets (named) or that means nothing on TRL.
+
+    Value types and ranges are checked with the resolved config (``resolve_config``)."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise EntropyLabError(
+            f"method_overrides must be a mapping of config keys to values (e.g. {{'steer_lambda_min': 0.7}}), "
+            f"got {type(overrides).__name__}"
+        )
+    bad = [k for k in overrides if not isinstance(k, str)]
+    if bad:
+        raise EntropyLabError(f"method_overrides keys must be config key names (text), got {bad[0]!r}")
+    where = [
+        f"{k} (GRPOConfig's {TRL_FIELDS[k]})"
+        if k in TRL_FIELDS
+        else f"{k} (TracedGRPOTrainer({TRAINER_ARGS[k]}=...))"
+        for k in overrides
+        if k in TRL_FIELDS or k in TRAINER_ARGS
+    ]
+    if where:
+        raise EntropyLabError(
+            f"method_overrides cannot set {', '.join(where)}: the TRL trainer takes these from there; set them there"
+        )
+    meaningless = [k for k in overrides if k in NOT_ON_TRL]
+    if meaningless:
+        k = meaningless[0]
+        raise EntropyLabError(f"method_overrides key {k!r} has no effect on the TRL trainer: {NOT_ON_TRL[k]}")
+    return dict(overrides)
 
 
 ENGINE_INPUTS = frozenset({"entropy", "old_entropy", "ref_logprob"})
@@ -116,14 +249,14 @@ def base_config(s: TrlSettings) -> TrainConfig:
 
 def resolve_trl_method(method: str, overrides: dict | None, s: TrlSettings) -> TrainConfig:
     """The method's TrainConfig on TRL, or one EntropyLabError naming what does not map and the fix."""
-    get_method(method)  # unknown names list the valid ones
+    if not isinstance(method, str):
+        raise EntropyLabError(f"method must be a catalogue method's name, got {method!r}")
+    preset = get_method(method)  # unknown names list the valid ones
     if method in REWARD_SIDE:
         raise EntropyLabError(f"method {method!r} cannot run inside TRL's loss: {REWARD_SIDE[method]}")
-    owned = sorted(set(overrides or {}) & set(TRL_OWNS))
-    if owned:
-        raise EntropyLabError(
-            f"{', '.join(owned)} are decided by TRL's GRPOConfig on the TRL trainer; drop them"
-        )
+    if preset.defaults.get("controller", "none") != "none":
+        raise EntropyLabError(f"method {method!r} cannot run inside TRL's loss: {NOT_ON_TRL['controller']}")
+    overrides = check_overrides(overrides)
     lt = get_loss_type(s.loss_type)
     if lt.agg is None:
         raise EntropyLabError(
@@ -144,7 +277,20 @@ def resolve_trl_method(method: str, overrides: dict | None, s: TrlSettings) -> T
     for bad, what in refusals:
         if bad:
             raise EntropyLabError(f"method {method!r} replaces TRL's loss, which then cannot apply {what}")
-    cfg = resolve_config(method, overrides, base_config(s))
+    pins = user_pins(s)
+    cfg = resolve_config(method, {**overrides, **pins}, base_config(s))
+    displaced = [
+        f"{_pin_source(k, s)}={v} (its preset: {k}={preset.defaults[k]})"
+        for k, v in pins.items()
+        if k in preset.defaults and preset.defaults[k] != v
+    ]
+    if displaced:
+        warnings.warn(
+            f"method {method!r} runs with GRPOConfig's {', '.join(displaced)}; the run's config.json "
+            "records the values used",
+            EntropyLabWarning,
+            stacklevel=3,
+        )
     if cfg.kl_coef != s.beta:
         raise EntropyLabError(
             f"method {method!r} sets kl_coef={cfg.kl_coef} but TRL's beta is {s.beta}: set GRPOConfig(beta="

@@ -5,6 +5,8 @@
 - ``batch_context``: STEER's min / max |omega| over the generation batch of all ranks
   (``steer_norm='batch'``).
 - ``log_project_metrics``: TRL's entropy metric and the method's metrics, averaged over ranks.
+- ``select_over_step``: Clip-Cov's / KL-Cov's tokens over an optimizer step's micro-batches and
+  ranks (``cov_selection='global'``), from one no-grad forward per micro-batch.
 
 Deliberate simplifications: evaluation uses TRL's normalisers without accumulation; the
 method's metrics are the plain mean of the ranks' values.
@@ -21,6 +23,7 @@ from trl import GRPOTrainer
 
 from entropy_lab.integrations.trl._inputs import (
     OLD_ENTROPY_KEY,
+    SELECTED_KEY,
     _full_sequence,
     _loss_mask,
     _step_counts,
@@ -28,6 +31,7 @@ from entropy_lab.integrations.trl._inputs import (
 )
 from entropy_lab.integrations.trl.losses import StepCounts, get_loss_type
 from entropy_lab.objectives import LossInputs, LossOutput, compute_loss, get_objective
+from entropy_lab.objectives.cov_select import select_tokens
 from entropy_lab.steer import MagnitudeRange
 
 if TYPE_CHECKING:
@@ -88,6 +92,7 @@ def project_loss(
         num_seqs=agg.num_seqs,
         context=trainer._steer_context,
         generator=trainer._generator,
+        selected=inputs.get(SELECTED_KEY) if training else None,
     )
     out = compute_loss(li, cfg)
     loss = out.loss
@@ -96,6 +101,38 @@ def project_loss(
         loss = loss + trainer.router_aux_loss_coef * aux_loss / (counts.ga if training else 1.0)
     log_project_metrics(trainer, mode, entropies, mask, out.metrics)
     return loss, out
+
+
+@torch.no_grad()
+def select_over_step(trainer: TracedGRPOTrainer, prepared: list[dict]) -> None:
+    """Add to each prepared micro-batch of one optimizer step the (b, C) tokens Clip-Cov / KL-Cov
+    choose over the whole step, all ranks included (``SELECTED_KEY``).
+
+    The log-probs come from one no-grad forward per micro-batch of the unwrapped model (no DDP
+    collective) at the step's parameters; the ranks join inside ``select_tokens`` (every rank
+    prepares the same number of steps), drawing with the trainer's generator, seeded alike.
+    """
+    parts = []
+    for inputs in prepared:
+        input_ids, attention_mask = _full_sequence(inputs)  # (b, P + C) each
+        extra = {k: inputs.get(k) for k in MULTIMODAL_KEYS}
+        logps = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, input_ids, attention_mask, inputs["completion_ids"].size(1), **extra
+        )[0]  # (b, C)
+        old = inputs.get("old_per_token_logps")
+        parts.append(
+            {
+                "logprob": logps,
+                "old_logprob": logps if old is None else old,
+                "advantages": _token_advantages(inputs, logps),
+                "mask": _loss_mask(inputs),
+            }
+        )
+    assert trainer._el_cfg is not None  # only a method selects
+    for inputs, chosen in zip(
+        prepared, select_tokens(parts, trainer._el_cfg, trainer._generator), strict=True
+    ):
+        inputs[SELECTED_KEY] = chosen
 
 
 @torch.no_grad()

@@ -7,6 +7,13 @@
 Only the main process writes; the traced records of the other ranks reach it through one
 ``gather_object`` per traced step (every rank traces the same steps, so the collective matches).
 ``step`` is TRL's optimizer step (``state.global_step`` after the step), in metrics and traces.
+
+Safety, as for the CLI's ``--out`` (``entropy_lab.runs.RunDir.check_target`` and ``create``, whose
+refusals are reworded here in TRL's terms): a new run needs a new or empty directory, or an
+entropy-lab run to replace with ``overwrite_run=True`` that holds nothing entropy-lab did not
+write (TRL's ``checkpoint-*`` folders of the replaced run included); a Hugging Face model
+directory is never a run directory. Resuming continues an entropy-lab run, or starts one in a
+directory that holds only TRL's own outputs when none of the run's file names is taken.
 """
 
 from __future__ import annotations
@@ -18,8 +25,67 @@ from pathlib import Path
 import pandas as pd
 
 from entropy_lab.config import TrainConfig
-from entropy_lab.errors import EntropyLabError
-from entropy_lab.runs import RunDir, package_versions, write_text_atomic
+from entropy_lab.errors import EntropyLabError, os_error_message
+from entropy_lab.runs import MARKER, RunDir, package_versions, write_text_atomic
+
+RUN_NAMES = (MARKER, "config.json", "metrics.parquet", "traces")
+"""The entries a TRL run writes in its directory."""
+
+TRL_WORDS = (
+    ("refusing to --overwrite", "refusing to replace (overwrite_run=True)"),
+    ("--overwrite", "overwrite_run=True"),
+    ("--resume", "resume_from_checkpoint"),
+    ("another --out", "another output_dir (or run_dir)"),
+    ("empty --out", "empty output_dir (or run_dir)"),
+    ("writable --out", "writable output_dir (or run_dir)"),
+    ("its own --out", "its own output_dir (or run_dir)"),
+    ("--out ", "output_dir "),
+)
+"""The CLI's words in ``RunDir``'s refusals -> the TRL trainer's arguments."""
+
+
+def _in_trl_terms(exc: EntropyLabError) -> EntropyLabError:
+    message = str(exc)
+    for cli, trl in TRL_WORDS:
+        message = message.replace(cli, trl)
+    return EntropyLabError(message)
+
+
+def check_run_dir(path: Path, *, overwrite: bool, resuming: bool | None) -> str:
+    """Refuse a run directory the TRL run cannot use (nothing is created or deleted); else how to start.
+
+    Args:
+        resuming: None checks only what is wrong whether or not training resumes (before the
+            model is loaded); True / False is the full check of ``TrlRunWriter.start``.
+
+    Returns:
+        "resume" (continue the run there), "beside" (add a run next to TRL's own outputs) or
+        "create" (``RunDir.create``: a new run, or the replaced one with ``overwrite``).
+    """
+    run = RunDir(path)
+    try:
+        if resuming is None:
+            if (path.exists() and not path.is_dir()) or (run.config_path.is_file() and not run.holds_run()):
+                run.check_target()  # a file, or a Hugging Face model: refused whatever the mode
+            return "create"
+        if resuming and overwrite:
+            run.check_target(overwrite=True, resume=True)  # they exclude each other
+        if resuming and run.holds_run():
+            run.check_target(resume=True)
+            return "resume"
+        if resuming and path.is_dir() and not run.config_path.exists() and any(path.iterdir()):
+            taken = [n for n in RUN_NAMES if (path / n).exists()]
+            if taken:
+                raise EntropyLabError(
+                    f"{path} holds {', '.join(taken)} but no entropy-lab run; move them away or choose another "
+                    "output_dir (or run_dir)"
+                )
+            return "beside"  # TRL's checkpoints only: the run starts next to them
+        run.check_target(overwrite=overwrite)
+        return "create"
+    except EntropyLabError as exc:
+        raise _in_trl_terms(exc) from None
+
 
 ALIASES = {"entropy": "entropy/mean", "reward": "reward/mean"}
 """TRL metric -> the project's name for it (``entropy_lab.analyses.compare`` reads these)."""
@@ -52,27 +118,35 @@ class TrlRunWriter:
         import trl
 
         extra = {"engine": "trl", "trl": {"version": trl.__version__, "args": self.trl_args}}
-        if self.run.config_path.exists() and resuming:
+        how = check_run_dir(self.run.path, overwrite=self.overwrite, resuming=resuming)
+        if how == "resume":
             self.run.update_config_record(**extra)
             self.rows = self.run.read_metrics().to_dict("records")
             return
-        if self.run.config_path.exists() and not self.overwrite:
+        if how == "beside":  # a directory of TRL's outputs only: add the run, replace nothing
+            self._create_beside_trl(extra)
+            return
+        try:  # vetted just above; create checks again and replaces only a recognised run
+            self.run.create(self.cfg, overwrite=self.overwrite, extra=extra)
+        except EntropyLabError as exc:
+            raise _in_trl_terms(exc) from None
+
+    def _create_beside_trl(self, extra: dict) -> None:
+        """Marker and config.json in a directory holding TRL's checkpoints, none of the run's names taken."""
+        run = self.run
+        try:
+            write_text_atomic(json.dumps({"entropy_lab": package_versions()["entropy_lab"]}), run.marker_path)
+            record = {
+                "config": self.cfg.to_dict(),
+                "seed": self.cfg.seed,
+                "versions": package_versions(),
+                **extra,
+            }
+            write_text_atomic(json.dumps(record, indent=2, default=str), run.config_path)
+        except OSError as exc:
             raise EntropyLabError(
-                f"{self.run.path} already holds an entropy-lab run: choose another output_dir (or run_dir), "
-                "pass overwrite_run=True, or resume_from_checkpoint"
-            )
-        if self.run.config_path.exists():
-            for p in [self.run.config_path, self.run.metrics_path, *self.run.trace_files()]:
-                p.unlink()
-        # Not RunDir.create: it would delete output_dir, where TRL keeps its own checkpoints.
-        self.run.path.mkdir(parents=True, exist_ok=True)
-        record = {
-            "config": self.cfg.to_dict(),
-            "seed": self.cfg.seed,
-            "versions": package_versions(),
-            **extra,
-        }
-        write_text_atomic(json.dumps(record, indent=2, default=str), self.run.config_path)
+                os_error_message(exc) + "; choose another output_dir (or run_dir)"
+            ) from None
 
     def write_metrics(self, step: int, logs: dict) -> None:
         if not self.is_main:

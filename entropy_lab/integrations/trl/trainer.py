@@ -31,14 +31,20 @@ Deliberate simplifications:
   trains, softmax(z / temperature), with its own forwards (pre-update at the optimizer step,
   post-update after it): ``omega_logit_grad`` is NaN in TRL traces (the report's decomposition
   then starts from ``softmax``), and the tracer's extra cost is two no-grad forwards.
+- The tracer's forwards run without TRL's mixed-precision autocast (accelerate's wrapper of the
+  model's forward bypassed), in the weights' dtype: exact fp32 under ``bf16=True`` with fp32 weights.
 - The tracer's forwards call the unwrapped model (no DDP buffer broadcast); under
   torch.distributed the tracer itself keeps the ranks' forward counts in step and adds
   ``rank``. Tested with DDP over gloo (2 CPU processes); FSDP and ZeRO-3 are not tested.
 - A traced step prepares its micro-batches at its start instead of one by one; generation runs
   in the same order with the same parameters, so only the RNG draws of active dropout between
   micro-batches could differ (TRL runs without dropout unless the model config has it).
-- Clip-Cov, KL-Cov and Fork tokens select per micro-batch and rank; STEER's ``steer_norm='batch'``
-  takes min / max |omega| over the whole generation batch of all ranks.
+- Clip-Cov and KL-Cov choose their tokens over the optimizer step's micro-batches and ranks
+  (``cov_selection='global'``, the default; the step's micro-batches are then prepared at its
+  start, as for a traced step, plus one no-grad forward each), or per call with
+  ``method_overrides={"cov_selection": "per-call"}``. Fork tokens select per micro-batch and
+  rank; STEER's ``steer_norm='batch'`` takes min / max |omega| over the whole generation batch
+  of all ranks.
 
 References: TRL 1.16.0 ``trl/trainer/grpo_trainer.py``; transformers ``Trainer._run_epoch``.
 """
@@ -56,9 +62,10 @@ from entropy_lab.integrations.trl._inputs import OLD_ENTROPY_KEY
 from entropy_lab.integrations.trl.annotate import annotate_project_loss, annotate_trl_loss
 from entropy_lab.integrations.trl.losses import get_loss_type
 from entropy_lab.integrations.trl.methods import TrlSettings, base_config, resolve_trl_method
-from entropy_lab.integrations.trl.project_loss import batch_context, project_loss
-from entropy_lab.integrations.trl.run import TrlRunWriter
+from entropy_lab.integrations.trl.project_loss import batch_context, project_loss, select_over_step
+from entropy_lab.integrations.trl.run import TrlRunWriter, check_run_dir
 from entropy_lab.integrations.trl.window import TemperedLM, TracedStepBatch
+from entropy_lab.objectives.cov_select import uses_global_selection
 from entropy_lab.trace.tracer import EntropyTracer
 
 
@@ -75,7 +82,8 @@ class TracedGRPOTrainer(GRPOTrainer):
             ``{"steer_lambda_min": 0.7}``).
         run_dir: where config.json, metrics.parquet and traces/ go (default ``args.output_dir``).
         overwrite_run: replace an entropy-lab run already in ``run_dir`` (else it is an error,
-            unless training resumes from a checkpoint).
+            unless training resumes from a checkpoint); only a run holding nothing entropy-lab
+            did not write is replaced (``run.check_run_dir``), never a model or a user's files.
     """
 
     _step: int  # TRL's buffered-slice counter, set by GRPOTrainer
@@ -94,30 +102,40 @@ class TracedGRPOTrainer(GRPOTrainer):
         targs = kwargs.get("args")
         if targs is None:
             raise EntropyLabError("TracedGRPOTrainer needs args=GRPOConfig(...) as a keyword argument")
-        if trace_every < 0:
-            raise EntropyLabError(f"trace_every must be >= 0, got {trace_every}")
+        check_trace_arguments(trace_every, trace_max_positions)
+        if method is None and method_overrides:
+            raise EntropyLabError(
+                "method_overrides apply to a catalogue method: pass method=... too, or drop method_overrides"
+            )
+        run_path = Path(run_dir if run_dir is not None else targs.output_dir)
+        check_run_dir(run_path, overwrite=overwrite_run, resuming=None)  # before the model is loaded
         settings = TrlSettings.from_args(targs)
         get_loss_type(settings.loss_type)  # unknown loss_types are one clear line
         self._el_cfg = None if method is None else resolve_trl_method(method, method_overrides, settings)
         super().__init__(*args, **kwargs)
         self._el_settings = settings
+        self._cov_global = self._el_cfg is not None and uses_global_selection(self._el_cfg)
         self._trace_every = int(trace_every)
         pad = getattr(getattr(self, "_tokenizer", None), "pad_token_id", None)
         self._pad_id = int(pad) if pad is not None else 0
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._traced_model = TemperedLM(base, self.temperature, self.accelerator.autocast)
+        # The tracer's own forwards run without TRL's mixed-precision autocast, in the weights' dtype:
+        # under bf16=True with fp32 weights they are exact fp32 (see docs/integrations.md).
+        self._traced_model = TemperedLM(base, self.temperature, _no_autocast(self.accelerator.device.type))
         record_cfg = (self._el_cfg or base_config(settings)).replace(
-            method=method or f"trl-{settings.loss_type}", steps=int(self.args.max_steps)
+            method=method or f"trl-{settings.loss_type}",
+            steps=int(self.args.max_steps),
+            dtype="bfloat16" if self.args.bf16 else "float32" if not self.args.fp16 else "auto",
         )
         self._record_cfg = record_cfg
         self._tracer = EntropyTracer(
             self._traced_model,
             max_positions=trace_max_positions,
             seed=settings.seed,
-            config={**record_cfg.to_dict(), "engine": "trl"},
+            config={**record_cfg.to_dict(), "engine": "trl", "trace_precision": _trace_precision(base)},
         )
         self._run = TrlRunWriter(
-            Path(run_dir if run_dir is not None else self.args.output_dir),
+            run_path,
             record_cfg,
             trl_args=self.args.to_dict(),
             overwrite=overwrite_run,
@@ -154,7 +172,7 @@ class TracedGRPOTrainer(GRPOTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         step = self.state.global_step + 1
-        if batch_samples and self._traced(step):
+        if batch_samples and (self._traced(step) or self._cov_global):
             base, was_training = self._step, self.model.training
             self.model.train()
             prepared = []
@@ -165,10 +183,13 @@ class TracedGRPOTrainer(GRPOTrainer):
             finally:
                 self._step = base
                 self.model.train(was_training)
+            if self._cov_global:
+                select_over_step(self, prepared)
             self._queue = prepared
-            self._window = TracedStepBatch(
-                prepared, step, self._update_index(step), self._tracer, self._pad_id
-            )
+            if self._traced(step):
+                self._window = TracedStepBatch(
+                    prepared, step, self._update_index(step), self._tracer, self._pad_id
+                )
         return batch_samples, num_items
 
     def _prepare_inputs(self, generation_batch):
@@ -255,6 +276,35 @@ class TracedGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
         if train_row:
             self._run.write_metrics(int(self.state.global_step), logs)
+
+
+def check_trace_arguments(trace_every, trace_max_positions) -> None:
+    """One EntropyLabError line for a ``trace_every`` or ``trace_max_positions`` of the wrong type or range."""
+    if isinstance(trace_every, bool) or not isinstance(trace_every, int) or trace_every < 0:
+        raise EntropyLabError(
+            f"trace_every must be a whole number >= 0 (0 never traces), got {trace_every!r}"
+        )
+    m = trace_max_positions
+    if m is None:
+        return
+    if isinstance(m, bool) or not isinstance(m, (int, float)):
+        raise EntropyLabError(
+            f"trace_max_positions must be None, a count (int >= 1) or a fraction (float in (0, 1]), got {m!r}"
+        )
+    # int counts and float fractions are range-checked by the tracer itself
+
+
+def _no_autocast(device_type: str):
+    """A context factory that switches autocast off on ``device_type`` (TemperedLM's forwards)."""
+    return lambda: torch.autocast(device_type, enabled=False)
+
+
+def _trace_precision(model: torch.nn.Module) -> str:
+    """What the tracer's forwards compute in: the weights' dtype, never autocast."""
+    dtypes = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    )
+    return f"{'/'.join(dtypes) or 'float32'} weights, no autocast"
 
 
 class _CloseWindow(TrainerCallback):

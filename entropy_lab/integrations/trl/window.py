@@ -48,8 +48,11 @@ class TemperedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
         kw = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+        # Under mixed precision accelerate replaces base.forward by an autocast wrapper and keeps the
+        # model's own as _original_forward: call that one, so ``autocast`` alone decides the precision.
+        forward = self.base.__dict__.get("_original_forward", self.base)
         with self._autocast():
-            logits = self.base(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
+            logits = forward(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
         return logits / self.temperature  # (B, T, V)
 
 

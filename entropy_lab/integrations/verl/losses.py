@@ -14,14 +14,17 @@ project's ``compute_loss`` on verl's tensors; nothing is re-implemented here.
 Where each setting comes from (one source of truth each):
 - verl's actor config owns what verl has a key for, read exactly as verl's ``vanilla`` loss
   reads it: ``clip_ratio_low`` / ``clip_ratio_high`` (eps), ``clip_ratio_c`` (dual clip; always
-  on in verl, default 3), ``loss_agg_mode``, ``loss_scale_factor`` (Dr. GRPO's length),
+  on in verl, default 3; not read by ``clip-cov`` and ``kl-cov``, as verl's ``clip_cov`` and
+  ``kl_cov`` apply none), ``loss_agg_mode``, ``loss_scale_factor`` (Dr. GRPO's length),
   ``policy_loss.clip_cov_ratio / clip_cov_lb / clip_cov_ub``, ``policy_loss.kl_cov_ratio`` and
   ``policy_loss.ppo_kl_coef`` (KL-Cov's coefficient). The KL loss and the entropy bonus stay
   verl's (``use_kl_loss``, ``entropy_coeff``): the entropy-lab loss is the policy-gradient term only.
 - The method's own parameters (STEER's map and lambda_min, fork rho, W-REINFORCE lambda,
   entropy-adv alpha / kappa) come from the method preset of ``entropy_lab.methods``, then from
   ``ENTROPY_LAB_VERL_SET="key=value,key=value"`` (TrainConfig keys) read in the process that
-  computes the loss (pass it to Ray workers with ``runtime_env.env_vars``).
+  computes the loss (pass it to Ray workers with ``runtime_env.env_vars``). It refuses, with one
+  line naming verl's setting, a key verl decides (``VERL_OWNS``: the loss itself, eps, lr,
+  steps, ...), a key no verl loss reads, and a key given twice.
 - The normaliser: verl's global batch info (``dp_size``, ``batch_num_tokens``,
   ``global_batch_size``) maps to ``num_tokens = batch_num_tokens / dp_size`` and
   ``num_seqs = global_batch_size / dp_size``, which makes the aggregate equal to verl's
@@ -106,9 +109,75 @@ def check_verl_version(version: str) -> None:
 # --- configuration --------------------------------------------------------------------------------
 
 
+NO_DUAL_CLIP = frozenset({"clip-cov", "kl-cov"})
+"""Objectives whose verl counterparts (``clip_cov``, ``kl_cov``) apply no dual clip: ``clip_ratio_c``
+is not read for them, so ``entropy_lab.clip-cov`` equals verl's ``clip_cov`` at verl's defaults."""
+
+VERL_OWNS = {
+    "objective": "policy_loss.loss_mode (the loss itself: loss_mode=entropy_lab.<name>)",
+    "method": "policy_loss.loss_mode (the loss itself: loss_mode=entropy_lab.<name>)",
+    "clip_eps_low": "actor.clip_ratio_low",
+    "clip_eps_high": "actor.clip_ratio_high",
+    "dual_clip_c": "actor.clip_ratio_c",
+    "loss_agg": "actor.loss_agg_mode",
+    "max_new_tokens": "data.max_response_length / actor.loss_scale_factor",
+    "clip_cov_ratio": "actor.policy_loss.clip_cov_ratio",
+    "clip_cov_lb": "actor.policy_loss.clip_cov_lb",
+    "clip_cov_ub": "actor.policy_loss.clip_cov_ub",
+    "kl_cov_ratio": "actor.policy_loss.kl_cov_ratio",
+    "kl_cov_coef": "actor.policy_loss.ppo_kl_coef",
+    "kl_coef": "actor.kl_loss_coef (use_kl_loss)",
+    "kl_estimator": "actor.kl_loss_type",
+    "entropy_coef": "actor.entropy_coeff",
+    "lr": "actor.optim.lr",
+    "weight_decay": "actor.optim.weight_decay",
+    "warmup_steps": "actor.optim.lr_warmup_steps",
+    "optimizer": "actor.optim",
+    "grad_clip": "actor.grad_clip",
+    "steps": "trainer.total_training_steps",
+    "ppo_epochs": "actor.ppo_epochs",
+    "mini_batches": "actor.ppo_mini_batch_size",
+    "micro_batch_size": "actor.ppo_micro_batch_size_per_gpu",
+    "prompts_per_step": "data.train_batch_size",
+    "samples_per_prompt": "rollout.n",
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+    "seed": "data.seed / actor seeds",
+    "advantage": "algorithm.adv_estimator",
+    "device": "trainer.device",
+    "dtype": "actor.fsdp_config / model dtype",
+    "task": "data.train_files",
+    "dataset": "data.train_files",
+    "model": "actor_rollout_ref.model.path",
+    "eval_every": "trainer.test_freq",
+    "checkpoint_every": "trainer.save_freq",
+    "cov_selection": "verl's call of the loss per micro-batch (only per-call selection is possible)",
+}
+"""TrainConfig key -> the verl setting that decides it; ``ENTROPY_LAB_VERL_SET`` refuses these keys."""
+
+NOT_IN_VERL = frozenset(
+    {"unlikeliness_beta", "controller", "trace_every", "trace_max_positions", "trace_jvp", "trace_eta_grid",
+     "eval_prompts", "eval_k", "preset_applied"}
+)  # fmt: skip
+"""TrainConfig keys that no verl policy loss reads: refused rather than silently ignored."""
+
+
 @functools.lru_cache(maxsize=32)
 def _env_overrides(text: str) -> dict:
     pairs = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+    keys = [p.split("=", 1)[0].strip() for p in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise EntropyLabError(f"{OVERRIDES_ENV} sets {', '.join(twice)} more than once; keep one value each")
+    owned = [k for k in keys if k in VERL_OWNS]
+    if owned:
+        where = ", ".join(f"{k} ({VERL_OWNS[k]})" for k in owned)
+        raise EntropyLabError(f"{OVERRIDES_ENV} sets {where}, which verl's config decides; set it there")
+    unused = [k for k in keys if k in NOT_IN_VERL]
+    if unused:
+        raise EntropyLabError(
+            f"{OVERRIDES_ENV} sets {', '.join(unused)}, which no verl policy loss reads; drop it"
+        )
     try:
         return parse_overrides(pairs)
     except EntropyLabError as e:
@@ -127,13 +196,14 @@ def train_config(objective: str, config: Any, loss_agg_mode: str, response_lengt
         raise EntropyLabError(
             "loss_agg_mode=token-sum has no entropy-lab equivalent; use token-mean or a seq-mean mode"
         )
-    verl_keys: dict = {"loss_agg": agg, "kl_coef": 0.0, "entropy_coef": 0.0}
+    # verl calls the loss once per micro-batch with no view of the others: selection is per call
+    verl_keys: dict = {"loss_agg": agg, "kl_coef": 0.0, "entropy_coef": 0.0, "cov_selection": "per-call"}
     if config is not None:
         eps = config.clip_ratio
         verl_keys.update(
             clip_eps_low=config.clip_ratio_low if config.clip_ratio_low is not None else eps,
             clip_eps_high=config.clip_ratio_high if config.clip_ratio_high is not None else eps,
-            dual_clip_c=float(config.get("clip_ratio_c", 3.0)),
+            dual_clip_c=None if objective in NO_DUAL_CLIP else float(config.get("clip_ratio_c", 3.0)),
         )
         pl = config.policy_loss
         verl_keys.update(
@@ -148,12 +218,7 @@ def train_config(objective: str, config: Any, loss_agg_mode: str, response_lengt
         verl_keys["max_new_tokens"] = int(scale) if scale else response_length
     else:
         verl_keys["max_new_tokens"] = response_length
-    user = _env_overrides(os.environ.get(OVERRIDES_ENV, ""))
-    clash = sorted(set(user) & set(verl_keys))
-    if clash:
-        raise EntropyLabError(
-            f"{OVERRIDES_ENV} sets {', '.join(clash)}, which verl's actor config owns; set them there"
-        )
+    user = _env_overrides(os.environ.get(OVERRIDES_ENV, ""))  # refuses every key of verl_keys
     return resolve_config(method, {**user, **verl_keys})
 
 

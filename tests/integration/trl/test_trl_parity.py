@@ -30,6 +30,11 @@ CASES = [
     ({"loss_type": "dapo", "epsilon_high": 0.28}, "clip-higher", {}),
     ({"loss_type": "dapo", "delta": 3.0}, "dual-clip", {}),
     ({"loss_type": "grpo", "beta": 0.001, "use_bias_correction_kl": False}, "kl", {}),
+    # GRPOConfig values the user set win over the method's preset (warned), as TRL reads them
+    ({"loss_type": "grpo", "epsilon": 0.05}, "grpo", {}),
+    ({"loss_type": "dapo", "epsilon_high": 0.4}, "clip-higher", {}),
+    ({"loss_type": "dapo", "epsilon": 0.1, "delta": 2.0}, "dual-clip", {}),
+    ({"loss_type": "grpo", "beta": 0.02, "use_bias_correction_kl": False}, "kl", {}),
 ]
 
 
@@ -80,9 +85,14 @@ def _loss_and_grads(trainer, loss_fn, inputs):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize(
-    "settings,method,overrides", CASES, ids=[f"{c[0]['loss_type']}-{c[1]}" for c in CASES]
-)
+def _case_id(case) -> str:
+    settings, method, _ = case
+    extra = "".join(f"-{k}{v}" for k, v in settings.items() if k in ("epsilon", "epsilon_high", "delta"))
+    return f"{settings['loss_type']}-{method}{extra}"
+
+
+@pytest.mark.filterwarnings("ignore:method .* runs with GRPOConfig's")
+@pytest.mark.parametrize("settings,method,overrides", CASES, ids=[_case_id(c) for c in CASES])
 def test_compute_loss_matches_trl(model_dir, tmp_path, settings, method, overrides):
     args = grpo_args(tmp_path / "trl", gradient_accumulation_steps=2, **settings)
     trl_trainer = GRPOTrainer(
@@ -112,6 +122,21 @@ def test_compute_loss_matches_trl(model_dir, tmp_path, settings, method, overrid
     )
     assert loss_diff <= 1e-6 * max(1.0, float(loss_trl.abs()))
     assert grad_diff <= 1e-5 * grad_scale
+
+
+def test_users_epsilon_wins_over_the_preset_with_a_warning(model_dir, tmp_path):
+    """epsilon=0.05 with method='grpo' (preset 0.2 / 0.2): TRL's 0.05 on both sides runs and is recorded."""
+    from entropy_lab.errors import EntropyLabWarning
+
+    with pytest.warns(EntropyLabWarning, match=r"epsilon=0.05 \(its preset: clip_eps_low=0.2\)") as record:
+        t = TracedGRPOTrainer(
+            model=str(model_dir), reward_funcs=count_reward, args=grpo_args(tmp_path, epsilon=0.05),
+            train_dataset=dataset(), method="grpo",
+        )  # fmt: skip
+    ours = [str(w.message) for w in record if issubclass(w.category, EntropyLabWarning)]
+    assert len(ours) == 1 and "epsilon_high (unset, so epsilon)=0.05" in ours[0]
+    assert (t._el_cfg.clip_eps_low, t._el_cfg.clip_eps_high) == (0.05, 0.05)
+    assert t._record_cfg.clip_eps_low == 0.05  # what config.json records
 
 
 def test_clipping_fires_in_the_parity_batch(model_dir, tmp_path):
@@ -169,7 +194,7 @@ def test_unmapped_loss_type_is_one_clear_error(model_dir, tmp_path):
         ("steer", {"steer_estimator": "softmax"}, {}, "needs collision"),
         ("unlikeliness", {}, {}, "cannot run inside TRL's loss"),
         ("steer", {}, {"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
-        ("steer", {"loss_agg": "token-mean"}, {}, "decided by TRL"),
+        ("steer", {"loss_agg": "token-mean"}, {}, r"cannot set loss_agg \(GRPOConfig's loss_type\)"),
         ("nope", {}, {}, "unknown method 'nope'"),
     ],
 )

@@ -150,7 +150,7 @@ def test_existing_run_is_not_overwritten(model_dir, tmp_path):
     from entropy_lab.errors import EntropyLabError
 
     _train(model_dir, tmp_path, max_steps=1)
-    with pytest.raises(EntropyLabError, match="already holds an entropy-lab run"):
+    with pytest.raises(EntropyLabError, match="already holds a run; pass resume_from_checkpoint"):
         _train(model_dir, tmp_path, max_steps=1)
 
 

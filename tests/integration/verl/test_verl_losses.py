@@ -126,10 +126,23 @@ def test_kl_cov_equals_verl_kl_cov():
     assert ours[2]["entropy_lab/kl_cov/frac_penalised"] > 0
 
 
-def test_clip_cov_equals_verl_clip_cov():
+def with_dual_clip_binding(old, adv, mask):
+    """``old`` lowered at some negative-advantage tokens so their ratio exceeds verl's clip_ratio_c = 3."""
+    old = old.clone()
+    old[adv < 0] -= 1.6  # ratios times e^1.6 ~ 5
+    return old
+
+
+@pytest.mark.parametrize("clip_ratio_c", [None, 10.0])  # None: verl's default 3, binding on this batch
+def test_clip_cov_equals_verl_clip_cov(clip_ratio_c):
     logprob, old, adv, mask, _ = make_batch(2)
-    # verl's clip_cov has no dual clip: c = 1e3 is never reached on this batch.
-    kw = dict(clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=5.0, clip_ratio_c=1e3)
+    old = with_dual_clip_binding(old, adv, mask)
+    r = (logprob.detach() - old).exp()
+    assert bool(((r > 3) & (adv < 0) & (mask > 0)).any())  # a dual clip at 3 would bind
+    # verl's clip_cov applies no dual clip, whatever clip_ratio_c says; neither does entropy_lab.clip-cov.
+    kw = dict(clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=5.0)
+    if clip_ratio_c is not None:
+        kw["clip_ratio_c"] = clip_ratio_c
     torch.manual_seed(7)
     ours = call_verl(
         "entropy_lab.clip-cov", actor_config("entropy_lab.clip-cov", **kw), logprob, old, adv, mask
@@ -139,9 +152,20 @@ def test_clip_cov_equals_verl_clip_cov():
     assert ours[2]["entropy_lab/clip_cov/frac_detached"] > 0
     close(ours[0], theirs[0])
     close(ours[1], theirs[1])
-    cfg = resolve_config("clip-cov", dict(clip_cov_ratio=0.2, clip_cov_lb=0.05, dual_clip_c=1e3))
+    cfg = resolve_config("clip-cov", dict(clip_cov_ratio=0.2, clip_cov_lb=0.05, dual_clip_c=None))
     torch.manual_seed(7)
     close(ours[0], call_project(cfg, logprob, old, adv, mask)[0])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_ppo_equals_verl_vanilla_at_verls_defaults_where_the_dual_clip_binds(agg):
+    logprob, old, adv, mask, _ = make_batch(4)
+    old = with_dual_clip_binding(old, adv, mask)
+    ours = call_verl("entropy_lab.ppo", actor_config("entropy_lab.ppo", agg), logprob, old, adv, mask)
+    theirs = call_verl("vanilla", actor_config("vanilla", agg), logprob, old, adv, mask)
+    close(ours[0], theirs[0])
+    close(ours[1], theirs[1])
+    assert ours[2]["actor/pg_clipfrac_lower"] > 0  # the dual clip bound
 
 
 @pytest.mark.parametrize(
@@ -205,7 +229,9 @@ def test_bad_inputs_are_one_clear_error(monkeypatch):
     with pytest.raises(EntropyLabError, match="rollout correction"):
         fn(old, logprob, adv, mask.bool(), "token-mean", actor_config("entropy_lab.ppo"), torch.ones(B, T))
     monkeypatch.setenv(ev.OVERRIDES_ENV, "clip_eps_high=0.3")
-    with pytest.raises(EntropyLabError, match="clip_eps_high, which verl's actor config owns"):
+    with pytest.raises(
+        EntropyLabError, match=r"clip_eps_high \(actor.clip_ratio_high\), which verl's config decides"
+    ):
         call_verl("entropy_lab.ppo", actor_config("entropy_lab.ppo"), logprob, old, adv, mask)
     monkeypatch.setenv(ev.OVERRIDES_ENV, "no_such_key=1")
     with pytest.raises(EntropyLabError, match="ENTROPY_LAB_VERL_SET: unknown config key"):

@@ -222,6 +222,60 @@ def create_run_on_a_model(paths):
     RunDir(paths["model"]).create(TrainConfig(), overwrite=True)
 
 
+# --- the TRL integration (skipped without TRL) -----------------------------------------------------
+
+
+def _trl_settings():
+    pytest.importorskip("trl")
+    from entropy_lab.integrations.trl.methods import TrlSettings
+
+    return TrlSettings(
+        loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, delta=None, beta=0.0, max_completion_length=6,
+        temperature=1.0, seed=0, learning_rate=1e-3, num_generations=4,
+    )  # fmt: skip
+
+
+def trl_overwrite_run_on_a_model(paths):
+    pytest.importorskip("trl")
+    from entropy_lab.integrations.trl.run import TrlRunWriter
+
+    TrlRunWriter(Path(paths["model"]), TrainConfig(), trl_args={}, overwrite=True, is_main=True).start(False)
+
+
+def trl_run_in_a_foreign_dir(paths):
+    pytest.importorskip("trl")
+    from entropy_lab.integrations.trl.run import TrlRunWriter
+
+    TrlRunWriter(Path(paths["foreign"]), TrainConfig(), trl_args={}, overwrite=False, is_main=True).start(
+        False
+    )
+
+
+def trl_override_of_a_grpo_config_field(paths):
+    from entropy_lab.integrations.trl.methods import resolve_trl_method
+
+    resolve_trl_method("steer", {"lr": 0.1}, _trl_settings())
+
+
+def trl_overrides_not_a_mapping(paths):
+    from entropy_lab.integrations.trl.methods import resolve_trl_method
+
+    resolve_trl_method("steer", ["steer_lambda_min=0.7"], _trl_settings())
+
+
+def trl_trace_every_as_text(paths):
+    pytest.importorskip("trl")
+    from entropy_lab.integrations.trl.trainer import check_trace_arguments
+
+    check_trace_arguments("5", None)
+
+
+def trl_controller_method(paths):
+    from entropy_lab.integrations.trl.methods import resolve_trl_method
+
+    resolve_trl_method("adaptive-entropy", None, _trl_settings())
+
+
 # --- the tracer ---------------------------------------------------------------------------------
 
 

@@ -203,6 +203,10 @@ def test_micro_and_mini_batches_and_epochs_are_traced(
         ("dr-grpo", {}),
         ("kl", {}),
         ("entropy-bonus", {"entropy_coef": 0.01}),
+        # tokens chosen over the whole update (cov_selection=global), the same with 4 micro-batches;
+        # (KL-Cov's on-policy gradient, d|logp - old|/dlogp at 0, is the sign of rounding noise:
+        # its selection is tested in test_cov_selection.py)
+        ("clip-cov", {"clip_cov_ratio": 0.2, "clip_cov_lb": -1e9, "clip_cov_ub": 1e9}),
     ],
 )
 def test_gradient_accumulation_matches_whole_batch(
@@ -225,6 +229,22 @@ def test_gradient_accumulation_matches_whole_batch(
     pd.testing.assert_frame_equal(r0[key + ["token_id"]], r4[key + ["token_id"]])
     for col in ("weight", "normalizer", "omega_paper", "omega_logit_grad"):
         np.testing.assert_allclose(r4[col], r0[col], rtol=1e-5, atol=1e-9, err_msg=col)
+
+
+def test_per_call_cov_selection_differs_with_micro_batches(
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
+):
+    """The reference code's per-call selection picks per micro-batch: other tokens than the whole batch's."""
+    weights = {}
+    for micro in (0, 4):
+        cfg = small_config(
+            "clip-cov", tiny_policy_dir, steps=1, eval_every=0, micro_batch_size=micro, clip_cov_ratio=0.2,
+            clip_cov_lb=-1e9, clip_cov_ub=1e9, cov_selection="per-call",
+        )  # fmt: skip
+        Trainer(cfg, tmp_path / f"m{micro}").train()
+        records, _ = load_records(RunDir(tmp_path / f"m{micro}").trace_path(1))
+        weights[micro] = records.sort_values(["sample", "position"])["weight"].to_numpy()
+    assert np.abs(weights[0] - weights[4]).max() > 1e-6
 
 
 # --- run directory protection ------------------------------------------------------------
