@@ -10,6 +10,7 @@ contract of docs/theory.md section 10. When records of several runs are concaten
 - ``decomposition``: the identity dH = first order + coupling + curvature, and omission.
 - ``quadrants``: sign(A) x sign(l_a) table against first-order theory.
 - ``regime``: the linear regime, per multiple eta of the step, from an eta sweep's records.
+- ``weights``: what an intervention's per-token weights did (size, share damped, correlation with dH).
 - ``compare``: per-method summaries and curves of training metrics across seeds.
 """
 
@@ -27,6 +28,7 @@ from .tightness import (
     tightness,
     tightness_summary,
 )
+from .weights import intervention_weight_summary
 
 __all__ = [
     "ESTIMATOR_COLUMNS",
@@ -40,6 +42,7 @@ __all__ = [
     "estimator_column",
     "factor_variance_share",
     "has_sweep",
+    "intervention_weight_summary",
     "pass_at_k_columns",
     "quadrants",
     "regime_shares",

@@ -296,6 +296,19 @@ register_report_entry(
 )
 register_report_entry(
     ReportEntry(
+        "intervention_weights",
+        table=lambda records, estimator: analyses.intervention_weight_summary(records),
+        section=Section(
+            "What the intervention's weights did",
+            "Per-token loss weights of the method (`intervention_weight`; below 1 damps a token's gradient, "
+            "above 1 boosts it): their mean and range, the share of tokens damped and boosted, and how they "
+            "correlate with the measured entropy change (Pearson with dH, Spearman with |dH|).",
+            figures=("steer_weights",),
+        ),
+    )
+)
+register_report_entry(
+    ReportEntry(
         "steer_weights",
         figure=FigureSpec(
             "steer_weights",
