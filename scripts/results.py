@@ -37,8 +37,7 @@ import pandas as pd
 from results_sections import (
     COMPARE,
     HEADLINE,
-    REAL_HIGH,
-    REAL_TIGHTNESS,
+    REAL_BLOCK,
     SECTIONS,
     SOURCES,
     Column,
@@ -254,15 +253,13 @@ def headline_block(runs: Path) -> str:
 
 
 def real_block(runs: Path) -> str:
-    """The README's real-model tightness tables, between their markers."""
+    """The README's real-model tables (tightness, noise floor, GRPO vs STEER), between their markers."""
     parts = [REAL_START]
-    for table in REAL_TIGHTNESS:
+    for table in REAL_BLOCK:
         parts += [table_markdown(runs, table), ""]
-    parts += [
-        f"From `runs/{REAL_HIGH.path}/report.json` and its lr-1e-6 twin (`{REAL_HIGH.command}`); "
-        "more in [docs/results.md](docs/results.md).",
-        REAL_END,
-    ]
+    sources = list(dict.fromkeys(t.source for t in REAL_BLOCK))
+    made = "; ".join(f"`runs/{s.path}/{s.file}`: `{s.command}`" for s in sources)
+    parts += [f"Made by: {made}. More in [docs/results.md](docs/results.md).", REAL_END]
     return "\n".join(parts)
 
 

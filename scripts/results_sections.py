@@ -112,7 +112,47 @@ def real_source(lr: str) -> Source:
 
 
 REAL_HIGH, REAL_LOW = real_source("1e-5"), real_source("1e-6")
-SOURCES = (COMPARE, GRPO, SGD, JVP, ETA, COUPLING, CONTROLLERS, REAL_HIGH, REAL_LOW)
+REAL_MODEL = "--model smollm2-135m-instruct --task word-arithmetic"
+REAL_STEER = Source(
+    "real-steer-lr1e-5",
+    f"entropy-lab train {REAL_MODEL} --method steer --steps 10 --set lr=1e-5 --set prompts_per_step=4 "
+    "--set trace_every=1 --set eval_every=10 --set eval_prompts=16 --set checkpoint_every=5 "
+    "--out runs/real-steer-lr1e-5 && entropy-lab trace --run runs/real-steer-lr1e-5",
+)
+REAL_COMPARE = Source(
+    "real-compare",
+    "entropy-lab figures --run runs/real-lr1e-5 --run runs/real-steer-lr1e-5 --out runs/real-compare",
+)
+REAL_NOISE = Source(
+    "real-lr1e-5/noise-floor-step_000005",
+    "entropy-lab study noise-floor --run runs/real-lr1e-5 --step 5 --lr 1e-6,1e-5",
+    file="noise_floor.csv",
+)
+REAL_ETA = Source(
+    "real-lr1e-5/eta-sweep-step_000005", "entropy-lab trace --run runs/real-lr1e-5 --step 5 --eta-sweep"
+)
+REAL_COUPLING = Source(
+    "real-coupling",
+    f"entropy-lab study coupling {REAL_MODEL} --prompts 4 --samples 4 --max-new-tokens 40 "
+    "--tokens 4,64,all --sgd-lr '' --adamw-lr 1e-6,1e-5 --min-tokens 64 --dtype float32 --out runs/real-coupling",
+    file="coupling_study.csv",
+)
+SOURCES = (
+    COMPARE,
+    GRPO,
+    SGD,
+    JVP,
+    ETA,
+    COUPLING,
+    CONTROLLERS,
+    REAL_HIGH,
+    REAL_LOW,
+    REAL_STEER,
+    REAL_COMPARE,
+    REAL_NOISE,
+    REAL_ETA,
+    REAL_COUPLING,
+)
 
 HEADLINE = Table(
     COMPARE,
@@ -142,6 +182,52 @@ REAL_TIGHTNESS = (
     Table(REAL_HIGH, "tightness", TIGHTNESS, caption="AdamW lr 1e-5 (the preset's):"),
     Table(REAL_LOW, "tightness", TIGHTNESS, caption="AdamW lr 1e-6:"),
 )
+REAL_NOISE_TABLE = Table(
+    REAL_NOISE,
+    None,
+    cols(
+        "setting",
+        ("median_abs_dH", "median |dH|"),
+        ("rms_dH", "RMS dH"),
+        ("rms_error", "RMS error vs fp32"),
+        ("error_share", "error / RMS dH"),
+        ("measurement_share", "of it: measurement"),
+        ("update_share", "of it: update"),
+        ("pearson_vs_fp32", "Pearson vs fp32"),
+    ),
+    caption="Noise floor of `delta_entropy` (one update from checkpoint 5 of the lr-1e-5 run, "
+    "4 prompts x 4 samples; each row against the fp32 update of its learning rate):",
+)
+REAL_COMPARE_TABLE = Table(
+    REAL_COMPARE,
+    "comparison",
+    cols(
+        "method",
+        ("initial_entropy", "entropy start"),
+        ("final_entropy", "entropy final"),
+        ("initial_reward", "reward start"),
+        ("final_reward", "reward final"),
+        ("final_pass@1", "pass@1 final"),
+        ("final_pass@4", "pass@4 final"),
+    ),
+    caption="GRPO and STEER at lr 1e-5, 10 steps, one seed (an anecdote, not a ranking):",
+)
+REAL_WEIGHTS_TABLE = Table(
+    REAL_STEER,
+    "intervention_weights",
+    cols(
+        "n",
+        ("mean_weight", "mean weight"),
+        ("min_weight", "min"),
+        ("max_weight", "max"),
+        ("share_damped", "share damped"),
+        ("share_boosted", "share boosted"),
+        ("pearson_weight_dH", "Pearson(w, dH)"),
+        ("spearman_weight_abs_dH", "Spearman(w, |dH|)"),
+    ),
+    caption="What STEER's weights did on the real model (every traced token of its 10 updates):",
+)
+REAL_BLOCK = (*REAL_TIGHTNESS, REAL_NOISE_TABLE, REAL_COMPARE_TABLE, REAL_WEIGHTS_TABLE)
 STUDY_GRID = Pivot(("optimizer", "lr"), "tokens_per_update", "spearman")
 
 SECTIONS = (
@@ -344,6 +430,24 @@ SECTIONS = (
             *REAL_TIGHTNESS,
             Table(REAL_HIGH, "decomposition", DECOMPOSITION, caption="Decomposition at lr 1e-5:"),
             Table(REAL_LOW, "decomposition", DECOMPOSITION, caption="Decomposition at lr 1e-6:"),
+            REAL_NOISE_TABLE,
+            REAL_COMPARE_TABLE,
+            REAL_WEIGHTS_TABLE,
+            Table(
+                REAL_ETA,
+                "linear_regime",
+                cols("eta", "estimator", "pearson", "gain"),
+                rows={"estimator": ("softmax", "jvp", "jvp-entropy")},
+                caption="The linear regime of one update (after checkpoint 5, lr 1e-5):",
+            ),
+            Table(REAL_ETA, "linear_regime_shares"),
+            Table(
+                REAL_COUPLING,
+                None,
+                rows={"estimator": ("logit-grad", "jvp", "jvp-entropy")},
+                pivot=Pivot(("estimator", "lr"), "tokens_per_update", "pearson"),
+                caption="Coupling study on the real model (AdamW, fp32): Pearson r against tokens per update:",
+            ),
         ),
         (
             Figure(

@@ -217,7 +217,7 @@ def test_real_model_block_gives_each_missing_run_its_command(tmp_path):
         results.REAL_END + README_TAIL
     )
     assert "stale 0.5" not in after
-    for table in sections.REAL_TIGHTNESS:
+    for table in sections.REAL_BLOCK:
         assert table.source.command in block  # the note says how to make the run
     with pytest.raises(SystemExit, match="exactly one"):
         results.replace_block(README_HEAD, block, results.REAL_START, results.REAL_END)
