@@ -60,14 +60,21 @@ def default_out(cfg) -> Path:
 
 
 def run_training(
-    cfg, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
+    cfg,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    label: str | None = None,
 ) -> Path:
+    """Train ``cfg`` into ``out`` with progress (labelled ``label``, default the run's name) and a summary line."""
     from entropy_lab.trainer.loop import Trainer  # torch and transformers load only when training
 
     quiet_transformers()
     if describe(cfg):
         console.print(describe(cfg), highlight=False, soft_wrap=True)
-    with TrainProgress(out.name, quiet=quiet) as progress, warnings.catch_warnings():
+    with TrainProgress(label or out.name, quiet=quiet) as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", EntropyLabWarning)  # the progress display prints them, one line each
         metrics = Trainer(cfg, out, resume=resume, overwrite=overwrite, callback=progress).train()
     s = run_summary(metrics).iloc[0]  # start = first step, final = mean of the last 10% of steps
