@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from entropy_lab.cli.common import SetOption, console, friendly_errors, print_table
+from entropy_lab.cli.common import SetOption, console, err_console, friendly_errors, print_table
 from entropy_lab.cli.progress import make_view
-from entropy_lab.cli.train import MODEL_HELP, build_config, run_training
+from entropy_lab.cli.train import MODEL_HELP, Interrupted, build_config, invoked_command, run_training
 from entropy_lab.config import parse_overrides
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir
@@ -86,11 +86,21 @@ def compare(
     configs = {m: seed_configs(m, seeds, task, dataset, model, steps, sets) for m in methods}
     n = sum(len(cfgs) for cfgs in configs.values())
     runs: dict[str, list[RunDir]] = {m: [] for m in configs}
-    for m, cfgs in configs.items():
-        for cfg in cfgs:
-            name = f"{m}-s{cfg.seed}"
-            done = sum(map(len, runs.values()))
-            runs[m].append(ensure_run(cfg, out / name, quiet, label=f"{name} ({done + 1}/{n})"))
+    try:
+        for m, cfgs in configs.items():
+            for cfg in cfgs:
+                name = f"{m}-s{cfg.seed}"
+                done = sum(map(len, runs.values()))
+                runs[m].append(ensure_run(cfg, out / name, quiet, label=f"{name} ({done + 1}/{n})"))
+    except Interrupted as stop:  # the same command again reuses finished runs and resumes the interrupted one
+        where = stop.line.split(";")[0]
+        err_console.print(
+            f"{where} of {name}; continue with: {invoked_command()}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     with make_view(quiet) as view:  # the figures take a while on a small machine: they show progress too
         key = view.add("compare: reports", total=n + 1, unit="report")
         for done, rd in enumerate((rd for rds in runs.values() for rd in rds), start=1):
