@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from entropy_lab.cli.common import SetOption, console, err_console, friendly_errors, print_table
+from entropy_lab.cli.common import (
+    SetOption,
+    check_set_pairs,
+    console,
+    err_console,
+    friendly_errors,
+    print_table,
+)
 from entropy_lab.cli.progress import make_view
 from entropy_lab.cli.train import MODEL_HELP, Interrupted, build_config, invoked_command, run_training
 from entropy_lab.config import parse_overrides
@@ -76,10 +83,17 @@ def compare(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train each method from the same warm start, seeds and budget; print and write the comparison."""
+    from entropy_lab.methods import METHODS
     from entropy_lab.report.compose import compare_report, run_report
 
     if seeds < 1:
         raise EntropyLabError(f"--seeds must be at least 1, got {seeds}")
+    check_set_pairs(sets, [m for m in methods if m not in METHODS])  # `--set lr 1e-3`: '1e-3' lands here
+    if len(methods) == 1 and seeds == 1:
+        raise EntropyLabError(
+            f"compare needs two methods or more (got {methods[0]} alone), or --seeds 2 or more; "
+            f"for one run use `entropy-lab train --method {methods[0]}`"
+        )
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise EntropyLabError(f"method(s) {', '.join(repeated)} named more than once; name each method once")

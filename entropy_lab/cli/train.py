@@ -14,7 +14,14 @@ from typing import Annotated
 import typer
 
 from entropy_lab.analyses import run_summary
-from entropy_lab.cli.common import SetOption, console, err_console, friendly_errors, quiet_transformers
+from entropy_lab.cli.common import (
+    SetOption,
+    check_set_pairs,
+    console,
+    err_console,
+    friendly_errors,
+    quiet_transformers,
+)
 from entropy_lab.cli.progress import TrainProgress
 from entropy_lab.config import parse_overrides
 from entropy_lab.errors import EntropyLabError, EntropyLabWarning
@@ -183,10 +190,14 @@ def run_training(
 
 @friendly_errors
 def train(
+    ctx: typer.Context,
     method: Annotated[
         str | None,
         typer.Option(
-            "--method", "-m", help="Method preset; `entropy-lab methods` lists them [default: grpo]."
+            "--method",
+            "-m",
+            help="Method preset; `entropy-lab methods` lists them.",
+            show_default="grpo",
         ),
     ] = None,
     task: Annotated[
@@ -201,7 +212,13 @@ def train(
     steps: Annotated[int | None, typer.Option(help="RL steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     sets: SetOption = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/<method>].")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run directory (runs/<method>-<task> for another task or a dataset).",
+            show_default="runs/<method>",
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -219,6 +236,11 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a policy with one method and write a run directory (config, metrics, eval, traces, checkpoints)."""
+    check_set_pairs(sets, ctx.args)
+    if ctx.args:
+        raise EntropyLabError(
+            f"unexpected argument(s) {' '.join(ctx.args)}; `entropy-lab train --help` lists the options"
+        )
     given = given_settings(task, dataset, model, steps, seed, sets)
     cfg = resolve_with_preset(method or "grpo", given)
     out = out or default_out(cfg)
