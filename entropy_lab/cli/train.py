@@ -117,7 +117,7 @@ def interrupt_line(cfg, out: Path, step: int | None, again: str) -> str:
         saved = rd.train_config() if rd.holds_run() else None
     except EntropyLabError:
         saved = None
-    where = f"at step {step}" if step else "during set-up (before step 1)"
+    where = "during set-up" if step is None else f"at step {step}" if step else "before step 1"
     if saved is None or saved.replace(steps=cfg.steps) != cfg:
         return f"interrupted {where}; nothing of this run was written yet; start it again with: {again}"
     command = f"entropy-lab train --out {shlex.quote(str(out))} --resume"

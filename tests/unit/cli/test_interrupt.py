@@ -103,6 +103,6 @@ def test_the_interrupt_line_before_anything_was_written_repeats_the_command(tmp_
     cfg = build_config("grpo", None, None, None, 5, None, None)
     line = interrupt_line(cfg, tmp_path / "nothing", None, "entropy-lab train --steps 5")
     assert line == (
-        "interrupted during set-up (before step 1); nothing of this run was written yet; "
+        "interrupted during set-up; nothing of this run was written yet; "
         "start it again with: entropy-lab train --steps 5"
     )
