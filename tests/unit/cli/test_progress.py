@@ -212,3 +212,20 @@ def test_the_warm_start_reports_its_checks_and_stopping_rule(isolated_cache):
     assert [s["step"] for s in seen] == [1, 2] and info["steps"] == 2
     assert seen[0]["pass@1"] is None and seen[1]["pass@1"] == info["pass@1"]
     assert {s["target"] for s in seen} == {0.0} and {s["total"] for s in seen} == {6}
+
+
+def test_the_study_without_a_terminal_prints_timed_lines():
+    from entropy_lab.cli.study import StudyProgress
+
+    out, buf = plain_console()
+    clock = FakeClock()
+    with StudyProgress(view=LineView(out, clock=clock, interval=30.0, heartbeat=False)) as cb:
+        cb("start", {"total": 4, "candidates": 10, "sequences": 8, "jvp": False})
+        for done in range(1, 5):
+            clock.now += 20.0
+            cb("update", {"done": done, "total": 4, "setting": f"sgd lr=0.001 k={done}"})
+        cb("end", {"total": 4})
+    lines = [line for line in lines_of(buf) if line.startswith("coupling study")]
+    assert lines[0] == "coupling study  started: update 0/4"
+    assert lines[1].startswith("coupling study  update 2/4 (50%)  20.0 s/update  elapsed 40s  eta 40s")
+    assert lines[1].endswith("sgd lr=0.001 k=2") and "done" in lines[-1]
