@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Annotated
 
-from entropy_lab.errors import EntropyLabError
+from entropy_lab.errors import EntropyLabError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -279,8 +279,11 @@ class TrainConfig:
         """A copy with ``overrides`` applied; unknown keys are one error naming the valid ones."""
         unknown = sorted(set(overrides) - {f.name for f in fields(self)})
         if unknown:
-            valid = ", ".join(f.name for f in fields(self))
-            raise EntropyLabError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {valid}")
+            names = [f.name for f in fields(self)]
+            hints = "".join(did_you_mean(k, names) for k in unknown[:1])
+            raise EntropyLabError(
+                f"unknown config key(s) {', '.join(unknown)}{hints}; valid keys: {', '.join(names)}"
+            )
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
@@ -354,8 +357,10 @@ def parse_value(key: str, text: str):
     """Parse ``--set key=text`` into the field's type; a bad value is one clear error."""
     hints = typing.get_type_hints(TrainConfig)
     if key not in hints:
-        valid = ", ".join(f.name for f in fields(TrainConfig))
-        raise EntropyLabError(f"unknown config key {key!r}; valid keys: {valid}")
+        names = [f.name for f in fields(TrainConfig)]
+        raise EntropyLabError(
+            f"unknown config key {key!r}{did_you_mean(key, names)}; valid keys: {', '.join(names)}"
+        )
     hint = hints[key]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)

@@ -1,14 +1,16 @@
 """One exception type for bad input, one warning type for settings that cannot work well.
 
 ``EntropyLabError`` carries one complete sentence for the user (the CLI prints it as a
-single line); ``os_error_message`` turns a failed file operation into such a sentence,
+single line); ``did_you_mean`` offers the closest valid names for a mistyped one; ``os_error_message`` turns a failed file operation into such a sentence,
 naming the cause (full disk, read-only file system, permissions) instead of a traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
+from collections.abc import Iterable
 
 
 class EntropyLabError(ValueError):
@@ -17,6 +19,12 @@ class EntropyLabError(ValueError):
 
 class EntropyLabWarning(UserWarning):
     """A setting or outcome that makes a run meaningless (nothing to learn) without being an error."""
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """' (did you mean 'steer'?)' for a mistyped ``name`` close to a valid one (difflib), else ''."""
+    close = difflib.get_close_matches(name, list(valid), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 _CAUSES = {

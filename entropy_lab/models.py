@@ -160,7 +160,8 @@ def warm_start(
     """(model, tokenizer, info) of the supervised warm start for a built-in ``task``; cached.
 
     ``info`` holds the measured sampled pass@1 and mean response-token entropy at the
-    end, the number of SFT steps, and the cache directory.
+    end, the number of SFT steps, and the cache directory. ``progress`` is called after
+    every SFT step with {"step", "total", "loss", "pass@1", "target"} (``load_policy_and_task``).
     """
     tokenizer = build_char_tokenizer(task.alphabet())
     key_src = json.dumps(
@@ -214,13 +215,23 @@ def _supervised_warm_start(task: Task, tokenizer, spec: WarmStartSpec, arch: Tin
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if progress is not None:
-            progress(step, spec.max_steps, float(loss.detach()))
+        measured = None
         if step % spec.check_every == 0 or step == spec.max_steps:
             stats = evaluate_sampled(model, tokenizer, task, probe, temperature=1.0, seed=spec.seed)
             info = {"steps": step, "sft_loss": float(loss.detach()), **stats}
-            if stats["pass@1"] >= spec.target_pass:
-                break
+            measured = stats["pass@1"]
+        if progress is not None:  # the stopping rule travels with the step, so an ETA can use it
+            progress(
+                {
+                    "step": step,
+                    "total": spec.max_steps,
+                    "loss": float(loss.detach()),
+                    "pass@1": measured,
+                    "target": spec.target_pass,
+                }
+            )
+        if measured is not None and measured >= spec.target_pass:
+            break
     return model, info
 
 
@@ -242,8 +253,9 @@ def load_policy_and_task(
         cfg: reads ``model`` (None: the embedded tiny policy, warm-started on ``task``),
             ``dataset`` (a Parquet task; needs ``model``) and ``task`` (a built-in task name).
         device: where the policy goes.
-        callback: told ``warm_start`` ({"task"}) and ``warm_start_progress`` ({"step", "total",
-            "loss"}) while a warm start trains or loads.
+        callback: told ``warm_start`` ({"task"}) and ``warm_start_progress`` ({"step", "total" (the
+            cap), "loss", "pass@1" (None between checks), "target" (the pass@1 that stops it)})
+            while a warm start trains or loads.
 
     Returns:
         ``LoadedPolicy``; a dataset without a model is one error line.
@@ -260,6 +272,6 @@ def load_policy_and_task(
     tell = callback or (lambda event, info: None)
     tell("warm_start", {"task": task.name})
     model, tokenizer, info = warm_start(
-        task, progress=lambda s, n, loss: tell("warm_start_progress", {"step": s, "total": n, "loss": loss})
+        task, progress=lambda step_info: tell("warm_start_progress", step_info)
     )
     return LoadedPolicy(model.to(device), tokenizer, task, info)

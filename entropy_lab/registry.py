@@ -7,6 +7,7 @@ unknown name with one error listing the valid ones (verl's policy-loss registry 
     @OBJECTIVES.register("ppo")
     def ppo(...): ...
     OBJECTIVES["nope"]   # EntropyLabError: unknown objective 'nope'; valid: ppo
+    OBJECTIVES["pop"]    # EntropyLabError: unknown objective 'pop' (did you mean 'ppo'?); valid: ppo
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from entropy_lab.errors import EntropyLabError
+from entropy_lab.errors import EntropyLabError, did_you_mean
 
 T = TypeVar("T")
 
@@ -44,4 +45,5 @@ class Registry(dict[str, T]):
         return lambda entry: self.add(name, entry)
 
     def __missing__(self, name: str):
-        raise EntropyLabError(f"unknown {self.kind} {name!r}; valid: {', '.join(self) or '(none)'}")
+        hint = did_you_mean(name, self) if isinstance(name, str) else ""
+        raise EntropyLabError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self) or '(none)'}")

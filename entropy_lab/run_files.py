@@ -11,7 +11,9 @@ In a run directory every entry must match one of these patterns, recursively:
                   .old/ (a save in flight) holding only model/, trainer_state.pt, checkpoint.json
     figures/      a file the directory's ledger lists with its current SHA-256, or the PNG/PDF of
                   a built-in figure (runs written before the ledger existed)
-    retrace-*/, eta-sweep-*/   runs of their own (with the marker), vetted by the same rules
+    retrace/      step_XXXXXX[-<method>][-jvp|-eta-sweep]/: runs of their own (with the marker)
+    noise-floor-step_XXXXXX/   noise_floor.csv and one run (with the marker) per setting
+    retrace-*/, eta-sweep-*/   (older layout) runs of their own, vetted by the same rules
 
 ``foreign_paths`` lists everything else, symbolic links included: a link is never followed,
 so a linked ``traces/`` can never lead a delete outside the run.
@@ -52,7 +54,7 @@ RUN_FILES = frozenset(
     {MARKER, LEDGER, "config.json", "metrics.parquet", "eval.parquet", "report.md", "report.json"}
 )
 """Top-level files of a run, each written atomically (through ``<name>.tmp``)."""
-RUN_DIRS = frozenset({"traces", "checkpoints", "figures"})
+RUN_DIRS = frozenset({"traces", "checkpoints", "figures", "retrace"})
 """Top-level folders of a run."""
 BUILTIN_FIGURES = frozenset(
     {
@@ -75,6 +77,9 @@ STEP = re.compile(r"step_\d{6}")
 TRACE = re.compile(r"step_\d{6}\.parquet(\.tmp)?")
 CHECKPOINT = re.compile(r"step_\d{6}(\.tmp|\.old)?")
 SUB_RUN = re.compile(r"(retrace|eta-sweep)-.+")
+STUDY_DIR = re.compile(r"noise-floor-step_\d{6}")
+STUDY_FILES = frozenset({"noise_floor.csv", LEDGER})
+"""A study written inside a run (``entropy-lab study noise-floor``): its table and one run per setting."""
 CHECKPOINT_TOP = frozenset({"model", "trainer_state.pt", "checkpoint.json"})
 
 
@@ -231,12 +236,26 @@ def _vet_run(folder: Path, prefix: str, out: list[str]) -> None:
                 _vet_checkpoints(Path(e.path), rel + "/", out)
             elif e.name == "figures":
                 _vet_figures(Path(e.path), rel + "/", out)
+            elif e.name == "retrace" or STUDY_DIR.fullmatch(e.name):
+                _vet_sub_runs(Path(e.path), rel + "/", out)
             elif SUB_RUN.fullmatch(e.name) and (Path(e.path) / MARKER).is_file():
                 _vet_run(Path(e.path), rel + "/", out)
             else:
                 out.append(rel + "/")
         elif not (e.is_file() and (e.name in RUN_FILES or e.name == LOCK or _tmp_of(e.name, RUN_FILES))):
             out.append(rel)
+
+
+def _vet_sub_runs(folder: Path, prefix: str, out: list[str]) -> None:
+    """``retrace/`` and a study's folder: runs of their own (with the marker) and the study's tables."""
+    for e in _entries(folder):
+        rel = prefix + e.name
+        if e.is_symlink():
+            out.append(f"{rel} (a symbolic link)")
+        elif e.is_dir() and (Path(e.path) / MARKER).is_file():
+            _vet_run(Path(e.path), rel + "/", out)
+        elif not (e.is_file() and (e.name in STUDY_FILES or _tmp_of(e.name, STUDY_FILES))):
+            out.append(rel + ("/" if e.is_dir() else ""))
 
 
 def _tmp_of(name: str, names: frozenset[str]) -> bool:

@@ -8,7 +8,9 @@
     runs/<name>/eval.parquet         periodic evaluation (greedy accuracy, pass@k)
     runs/<name>/traces/step_XXXXXX.parquet   every traced update of that step (column ``update``)
     runs/<name>/checkpoints/step_XXXXXX/     model + tokenizer (save_pretrained), trainer_state.pt
-    runs/<name>/figures/, report.md, report.json, retrace-*/ (runs traced from a checkpoint)
+    runs/<name>/figures/, report.md, report.json
+    runs/<name>/retrace/step_XXXXXX[-<method>][-jvp|-eta-sweep]/   an update traced from a
+        checkpoint, a run directory of its own (older runs: retrace-*/, eta-sweep-*/ beside traces/)
 
 Every file is written under a temporary name and renamed into place, so a killed run
 leaves either the old or the new version, never half of one.
@@ -85,6 +87,10 @@ def _is_known_entry(p: Path) -> bool:
     if p.is_dir():
         return p.name in RUN_DIRS or (SUB_RUN.fullmatch(p.name) is not None and (p / MARKER).is_file())
     return p.name in RUN_FILES or p.name == LOCK or (p.name.endswith(".tmp") and p.name[:-4] in RUN_FILES)
+
+
+LEGACY_RETRACE_PREFIXES = ("retrace-", "eta-sweep")
+"""Where older versions put updates traced from a checkpoint: beside the run's own entries."""
 
 
 def _hf_model_dir(path: Path) -> bool:
@@ -324,3 +330,56 @@ class RunDir:
         for f in self.trace_files():
             if int(f.stem[5:]) > step and TRACE.fullmatch(f.name) and not f.is_symlink():
                 f.unlink()
+
+
+# --- updates traced from a checkpoint -----------------------------------------------------
+RETRACE_DIR = "retrace"
+"""``RUN/retrace/``: the updates traced from the run's checkpoints, one run directory each, so
+the run's own ``traces/`` and report stay those of training."""
+
+
+def retrace_dir(run: RunDir, step: int, method: str | None = None, variant: str | None = None) -> RunDir:
+    """``RUN/retrace/step_000100[-<method>][-<variant>]``: update ``step + 1`` traced from checkpoint ``step``.
+
+    ``method`` is named only when it is not the run's; ``variant`` is ``"jvp"`` or ``"eta-sweep"``.
+    """
+    name = "-".join([f"step_{step:06d}", *(part for part in (method, variant) if part)])
+    return RunDir(run.path / RETRACE_DIR / name)
+
+
+@dataclass(frozen=True)
+class Retrace:
+    """One update traced from a checkpoint of a run, as ``list_retraces`` finds it."""
+
+    path: Path
+    checkpoint_step: int | None  # None when its config.json does not say
+    method: str
+    variant: str  # "", "jvp" or "eta-sweep"
+    legacy: bool  # the older layout (``retrace-*`` or ``eta-sweep-*`` beside the run's entries)
+
+
+def list_retraces(run: RunDir) -> list[Retrace]:
+    """Every traced-from-checkpoint run directory of ``run``, new layout first; unreadable ones are skipped."""
+    new = sorted((run.path / RETRACE_DIR).glob("step_*")) if (run.path / RETRACE_DIR).is_dir() else []
+    old = sorted(p for p in run.path.glob("*") if p.name.startswith(LEGACY_RETRACE_PREFIXES))
+    found = []
+    for p in new + old:
+        if not (p / "config.json").is_file():
+            continue
+        try:
+            record = RunDir(p).read_config()
+        except EntropyLabError:
+            continue
+        cfg = record["config"]
+        source = Path(str(record.get("traced_from", ""))).name
+        variant = "eta-sweep" if cfg.get("trace_eta_grid") else "jvp" if cfg.get("trace_jvp") else ""
+        found.append(
+            Retrace(
+                path=p,
+                checkpoint_step=int(source[5:]) if source[5:].isdigit() else None,
+                method=str(cfg.get("method")),
+                variant=variant,
+                legacy=p in old,
+            )
+        )
+    return found

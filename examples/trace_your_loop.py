@@ -1,6 +1,6 @@
 """Trace one optimizer step of your own RL training loop with ``EntropyTracer``.
 
-    python examples/trace_your_loop.py [OUT.parquet]
+    python examples/trace_your_loop.py [OUT.parquet]     # default runs/trace_your_loop/step_000000.parquet
 
 A tiny causal LM (random init, nothing downloaded) samples 4 responses to each of 4 prompts, a toy
 reward scores them, and one PPO-clip step runs inside ``tracer.step(...)``. The tracer measures
@@ -21,7 +21,7 @@ from entropy_lab.records import predicted_column
 from entropy_lab.theory import ESTIMATORS
 from entropy_lab.trace import EntropyTracer
 
-OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "traces/step_000000.parquet")
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/trace_your_loop/step_000000.parquet")
 NOISE_FLOOR = 1e-5  # nats: |dH| below this is treated as noise (fp32 entropies round at ~1e-6)
 torch.manual_seed(0)
 

@@ -55,7 +55,9 @@ def correct(completions, answer, **kwargs):
 
 
 # --- TRL, traced, with STEER computed by entropy-lab ---------------------------------------------
-shutil.rmtree(RUN, ignore_errors=True)
+if RUN.is_dir() and any(RUN.iterdir()) and not (RUN / ".entropy-lab-run").is_file():
+    sys.exit(f"error: {RUN} is not empty and holds no entropy-lab run; give another directory")
+shutil.rmtree(RUN, ignore_errors=True)  # an earlier run of this example (it carries the marker)
 args = GRPOConfig(
     output_dir=str(RUN), per_device_train_batch_size=8, num_generations=8, max_completion_length=4,
     gradient_accumulation_steps=2, num_iterations=2, max_steps=16, learning_rate=1e-3, temperature=1.0,

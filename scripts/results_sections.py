@@ -91,7 +91,9 @@ JVP = Source(
     "entropy-lab train --method grpo --set trace_jvp=true --out runs/grpo-jvp "
     "&& entropy-lab trace --run runs/grpo-jvp",
 )
-ETA = Source("grpo-jvp/eta-sweep-step_000100", "entropy-lab trace --run runs/grpo-jvp --step 100 --eta-sweep")
+ETA = Source(
+    "grpo-jvp/retrace/step_000100-eta-sweep", "entropy-lab trace --run runs/grpo-jvp --step 100 --eta-sweep"
+)
 COUPLING = Source("coupling_study", "entropy-lab study coupling", file="coupling_study.csv")
 CONTROLLERS = Source(
     "controllers",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from entropy_lab.cli.compare import compare
@@ -18,7 +20,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-app.command()(train)
+
+
+def version_option(value: bool) -> None:
+    if value:
+        from entropy_lab import __version__
+
+        print(f"entropy-lab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=version_option, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Measure, predict and explain per-token entropy dynamics in RLVR, and compare entropy interventions."""
+
+
+# train takes stray arguments itself, to explain `--set lr 1e-3` (key=value) instead of a usage box
+app.command(context_settings={"allow_extra_args": True})(train)
 app.command()(methods)
 app.command()(trace)
 app.command()(compare)

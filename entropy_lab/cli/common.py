@@ -30,6 +30,19 @@ SetOption = Annotated[
 ]
 
 
+def check_set_pairs(sets: list[str] | None, extra: list[str]) -> None:
+    """A ``--set`` without '=' is one line; ``--set lr 1e-3`` (``extra`` holding the stray '1e-3') is
+    explained: --set takes one key=value argument."""
+    bare = [p for p in sets or [] if "=" not in p]
+    if not bare:
+        return
+    if extra:
+        raise EntropyLabError(
+            f"--set takes one key=value argument: write --set {bare[0]}={extra[0]}, not --set {bare[0]} {extra[0]}"
+        )
+    raise EntropyLabError(f"--set expects key=value, got {bare[0]!r}; write --set {bare[0]}=VALUE")
+
+
 def quiet_transformers() -> None:
     """Our progress bars replace transformers' per-file loading and saving bars."""
     from transformers.utils import logging as hf_logging

@@ -15,7 +15,7 @@ from entropy_lab.runs import RunDir
 def figures(
     run: Annotated[list[Path], typer.Option("--run", help="Run directory (repeatable).")],
     out: Annotated[
-        Path | None, typer.Option(help="Where a comparison of several runs goes [default: none].")
+        Path | None, typer.Option(help="Where a comparison of several runs goes.", show_default="none")
     ] = None,
 ) -> None:
     """Regenerate each run's figures and report.md (and a comparison with --out), no model needed."""

@@ -9,7 +9,7 @@ from typing import Annotated, cast
 import typer
 
 from entropy_lab.cli.common import console, friendly_errors, print_table, quiet_transformers
-from entropy_lab.cli.progress import ProgressCallback, progress_bar
+from entropy_lab.cli.progress import ProgressCallback, ProgressView
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.model_sources import model_forms
 
@@ -29,22 +29,28 @@ def parse_list(text: str, what: str, cast=float) -> tuple:
 
 
 class StudyProgress(ProgressCallback):
-    """Study callback drawing one bar over all traced updates."""
+    """Study callback: the warm start (when the task's is not cached), then one phase over all traced updates."""
 
-    def __init__(self, quiet: bool = False):
-        self.progress = progress_bar("setting", quiet)
-        self.task = None
+    def __init__(self, quiet: bool = False, view: ProgressView | None = None):
+        super().__init__("coupling study", quiet, view)
+        self.task: int | None = None
 
-    def __call__(self, event: str, info: dict) -> None:
-        if event == "start":
-            jvp = "with" if info["jvp"] else "without"
-            console.print(
-                f"{info['sequences']} sequences, {info['candidates']} tokens with nonzero advantage; "
-                f"network first order (jvp): {jvp}"
-            )
-            self.task = self.progress.add_task("coupling study", total=info["total"], setting="")
-        elif event == "update":
-            self.progress.update(self.task, completed=info["done"], setting=info["setting"])
+    def on_start(self, info: dict) -> None:
+        self.end_warm_start({})
+        jvp = "with" if info["jvp"] else "without"
+        console.print(
+            f"{info['sequences']} sequences, {info['candidates']} tokens with nonzero advantage; "
+            f"network first order (jvp): {jvp}"
+        )
+        self.task = self.view.add("coupling study", total=info["total"], unit="update")
+
+    def on_update(self, info: dict) -> None:
+        assert self.task is not None
+        self.view.update(self.task, completed=info["done"], status=info["setting"])
+
+    def on_end(self, info: dict) -> None:
+        if self.task is not None:
+            self.view.finish(self.task)
 
 
 @study_app.command()

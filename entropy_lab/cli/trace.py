@@ -1,8 +1,10 @@
 """`entropy-lab trace --run PATH`: trace an update from a checkpoint, or analyse a run's traces.
 
 Three modes, one function each: ``analyse_run`` (a run with traces and no checkpoint or
-method asked for), ``retrace_update`` (one update from a checkpoint, tabled on its own) and
-``sweep_update`` (``--eta-sweep``: that update along theta + eta dtheta, the linear regime).
+method asked for; it also lists the run's retraces), ``retrace_update`` (one update from a
+checkpoint, tabled on its own) and ``sweep_update`` (``--eta-sweep``: that update along
+theta + eta dtheta, the linear regime). A traced checkpoint never changes the run: its
+records, report and figures go to ``RUN/retrace/...`` (``entropy_lab.trainer.retrace``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typer
 
 from entropy_lab.cli.common import console, friendly_errors, print_table, quiet_transformers
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.runs import RunDir
+from entropy_lab.runs import Retrace, RunDir, list_retraces
 
 
 def _step_of(name: str) -> int | None:
@@ -105,23 +107,61 @@ def trace(
         retrace_update(rd, step, method, jvp, output)
 
 
+def retrace_entry(r: Retrace) -> dict:
+    """One retrace as the json output and the listing show it."""
+    traced = None if r.checkpoint_step is None else r.checkpoint_step + 1
+    return {
+        "path": str(r.path),
+        "checkpoint_step": r.checkpoint_step,
+        "traced_step": traced,
+        "method": r.method,
+        "variant": r.variant or None,
+        "layout": "legacy" if r.legacy else "retrace",
+    }
+
+
+def print_retraces(rd: RunDir) -> None:
+    """Which updates were traced from the run's checkpoints; each has its own report (`trace --run PATH`)."""
+    found = list_retraces(rd)
+    if not found:
+        console.print(f"no retraces (updates traced from a checkpoint) in {rd.path}")
+        return
+    console.print(
+        f"retraces of {rd.path.name} (each its own report; analyse one with `entropy-lab trace --run PATH`):"
+    )
+    for r in found:
+        e = retrace_entry(r)
+        known = e["checkpoint_step"] is not None
+        what = f"update {e['traced_step']} from checkpoint {e['checkpoint_step']}" if known else "update ?"
+        what += f", {r.method}"
+        what += f", {r.variant}" if r.variant else ""
+        console.print(f"  {r.path}  ({what}{', older layout' if r.legacy else ''})", highlight=False)
+
+
 def analyse_run(rd: RunDir, output: str) -> None:
-    """The run's report from the traces training wrote, and its tables pooled over every traced step."""
+    """The run's report from the traces training wrote, its tables pooled over every traced step, and its retraces."""
     from entropy_lab.report.compose import report_json, run_report
 
     result = run_report(rd)
     n = len(rd.trace_files())
     if output == "json":
-        payload = {"run": str(rd.path), "scope": "run", "traced_steps": n, **report_json(result["tables"])}
+        payload = {
+            "run": str(rd.path),
+            "scope": "run",
+            "traced_steps": n,
+            "retraces": [retrace_entry(r) for r in list_retraces(rd)],
+            **report_json(result["tables"]),
+        }
         print(json.dumps(payload, indent=2))
         return
     console.print(f"{rd.path}: tables pool all {n} traced steps of the run")
     print_trace_tables(result["tables"], rd.path.name)
     console.print(f"report: {result['report']}  figures: {rd.figures_dir}")
+    print_retraces(rd)
 
 
 def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, output: str) -> None:
-    """One traced update from the checkpoint at ``step``: its own tables, and the run's report."""
+    """One traced update from the checkpoint at ``step``: its tables, report and figures, apart from the run's."""
     from entropy_lab.records import load_records
     from entropy_lab.report.compose import report_json, run_report, trace_tables
     from entropy_lab.trainer.retrace import trace_checkpoint
@@ -134,7 +174,7 @@ def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, 
     records.insert(0, "run", done.run.path.name)
     records.insert(0, "method", done.method)
     tables = trace_tables(records)  # this update only
-    result = run_report(done.run)  # the run's report and figures pool every trace it holds
+    result = run_report(done.run)  # the retrace's own report: the run's stays that of training
     what = f"step {done.step} ({done.method}), traced from {done.checkpoint}"
     if output == "json":
         payload = {
@@ -149,24 +189,24 @@ def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, 
         return
     console.print(f"tables below cover one update: {what}; trace in {done.trace_path}")
     print_trace_tables(tables, f"step {done.step}")
-    n = len(done.run.trace_files())
     console.print(
-        f"report (pools all {n} traced step{'s' if n != 1 else ''} of {done.run.path.name}): "
-        f"{result['report']}  figures: {done.run.figures_dir}"
+        f"report of this update: {result['report']}  figures: {done.run.figures_dir} "
+        f"({rd.path.name}'s own traces and report are unchanged)"
     )
 
 
 def sweep_update(rd: RunDir, step: int | None, method: str | None, output: str) -> None:
     """One update from the checkpoint at ``step`` swept over eta: the linear-regime tables and figure.
 
-    The update goes to ``run/eta-sweep-step_N`` (``entropy_lab.trainer.retrace``) with the jvp
-    estimators; its tables are ``analyses.regime`` and ``linear_regime.png`` goes to that
-    directory's figures.
+    The update goes to ``run/retrace/step_N[-<method>]-eta-sweep`` (``entropy_lab.trainer.retrace``)
+    with the jvp estimators; its tables are ``analyses.regime``; that directory gets its own
+    report and figures, ``linear_regime.png`` among them.
     """
     from entropy_lab.analyses.regime import regime_table
     from entropy_lab.figures.regime import linear_regime_figure
     from entropy_lab.figures.save import save_figure
     from entropy_lab.records import load_records
+    from entropy_lab.report.compose import run_report
     from entropy_lab.trace.probes import DEFAULT_ETAS
     from entropy_lab.trainer.retrace import trace_checkpoint
 
@@ -174,11 +214,12 @@ def sweep_update(rd: RunDir, step: int | None, method: str | None, output: str) 
     if output == "table":
         console.print(f"eta sweep of one update of {rd.path} from its checkpoint ...")
     done = trace_checkpoint(rd, step, method, jvp=True, eta_grid=DEFAULT_ETAS)
+    report = run_report(done.run)["report"]  # the sweep's own report.md and report.json
     tightness, shares = regime_table(load_records(done.trace_path)[0])
     figure = save_figure(linear_regime_figure(tightness, shares), done.run.figures_dir / "linear_regime")[0]
     if output == "json":
         payload = {"tightness": tightness.to_dict("records"), "shares": shares.to_dict("records")}
-        print(json.dumps({**payload, "figure": str(figure)}, indent=2))
+        print(json.dumps({**payload, "figure": str(figure), "report": str(report)}, indent=2))
         return
     for values, title in (
         ("pearson", "linear regime: Pearson per estimator against the measured change at theta + eta dtheta"),
@@ -188,4 +229,4 @@ def sweep_update(rd: RunDir, step: int | None, method: str | None, output: str) 
     print_table(
         shares, "linear regime: shares of ||measured||^2 (curvature -> 0 as eta -> 0; coupling stays)"
     )
-    console.print(f"figure: {figure}")
+    console.print(f"figure: {figure}  report: {report}")

@@ -122,10 +122,12 @@ class StudyBatch:
     positions: torch.Tensor  # (n,) its position
 
 
-def load_policy_and_task(cfg: CouplingStudyConfig):
+def load_policy_and_task(cfg: CouplingStudyConfig, callback: Callback | None = None):
     """(model, tokenizer, task) on the CPU (``draw_batch`` moves the model): the given model
-    directory, else the task's warm start (``models.load_policy_and_task``)."""
-    loaded = models.load_policy_and_task(TrainConfig(task=cfg.task, model=cfg.model), torch.device("cpu"))
+    directory, else the task's warm start (``models.load_policy_and_task``, told ``callback``)."""
+    loaded = models.load_policy_and_task(
+        TrainConfig(task=cfg.task, model=cfg.model), torch.device("cpu"), callback
+    )
     return loaded.model, loaded.tokenizer, loaded.task
 
 
@@ -233,7 +235,7 @@ def run_coupling_study(cfg: CouplingStudyConfig, callback: Callback | None = Non
     """
     callback = callback or (lambda event, info: None)
     device = pick_device(cfg.device)
-    model, tokenizer, task = load_policy_and_task(cfg)
+    model, tokenizer, task = load_policy_and_task(cfg, callback)
     batch = draw_batch(model, tokenizer, task, cfg, device)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sets = token_sets(len(batch.rows), cfg.tokens_per_update, cfg.min_tokens, cfg.seed)

@@ -4,14 +4,13 @@
 checkpoint at step N (loaded safely: see ``entropy_lab.checkpoints``), runs step N+1 with
 tracing on, and returns where its records went. The checkpoint is never modified.
 
-With the run's own method the trace goes to ``run/traces/step_{N+1}.parquet`` when training
-did not trace that step; otherwise (another method, the file exists, or another process is
-training the run: ``entropy_lab.run_lock``) to the run directory ``run/retrace-<method>-step_N``.
-With an eta grid (the linear regime: the traced tokens' entropy at theta + eta dtheta,
-``TrainConfig.trace_eta_grid``) it always goes to its own run directory,
-``run/eta-sweep-step_N`` (``run/eta-sweep-<method>-step_N`` for another method).
-Either way ``CheckpointTrace.trace_path`` is the one file holding exactly that update, so its
-tables can be told apart from the run's other traces.
+The trace never goes into the run's own ``traces/`` (whose pooled tables stay those of
+training): it goes to a run directory of its own, ``run/retrace/step_N[-<method>][-<variant>]``
+(``entropy_lab.runs.retrace_dir``; the method named only when it is not the run's; variant
+``jvp`` when the jvp estimators are traced, ``eta-sweep`` with an eta grid - the linear regime:
+the traced tokens' entropy at theta + eta dtheta, ``TrainConfig.trace_eta_grid``). Tracing
+the same update again replaces that directory. ``CheckpointTrace.trace_path`` is the one file
+holding exactly that update.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from pathlib import Path
 
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.run_lock import live_holder
-from entropy_lab.runs import RunDir
+from entropy_lab.runs import RunDir, retrace_dir
 from entropy_lab.trace.probes import format_eta_grid
 from entropy_lab.trainer.loop import Callback, Trainer
 
@@ -33,7 +31,7 @@ class CheckpointTrace:
     """What ``trace_checkpoint`` did."""
 
     run: RunDir
-    """The run directory holding the new trace (the run itself or its ``retrace-*`` directory)."""
+    """The run directory holding the new trace (``run/retrace/...``), with its own report."""
     checkpoint: Path
     """The checkpoint traced from."""
     step: int
@@ -90,17 +88,12 @@ def trace_checkpoint(
     if eta_grid:
         overrides["trace_eta_grid"] = format_eta_grid(eta_grid)
     cfg = resolve_config(method, overrides, base=base)
-    target = run
     own_method = method == run.train_config().method
-    if eta_grid:
-        target = RunDir(run.path / f"eta-sweep{'' if own_method else f'-{method}'}-step_{step:06d}")
-    elif not own_method or run.trace_path(step + 1).exists() or live_holder(run.path) is not None:
-        # a run being trained keeps its traces/ to itself: the update goes beside it
-        target = RunDir(run.path / f"retrace-{method}-step_{step:06d}")
+    variant = "eta-sweep" if cfg.trace_eta_grid else "jvp" if cfg.trace_jvp else None
+    target = retrace_dir(run, step, None if own_method else method, variant)
     trainer = Trainer(cfg, target.path, callback=callback)
     trainer.setup(create_run=False)
     trainer.load_trainer_state(ckpt)  # verified and loaded with weights_only before anything is written
-    if target is not run:
-        target.create(cfg, overwrite=True, extra={"traced_from": str(ckpt)})
+    target.create(cfg, overwrite=True, extra={"traced_from": str(ckpt), "retrace_of": str(run.path)})
     trainer.train_step(step + 1)
     return CheckpointTrace(target, ckpt, step + 1, target.trace_path(step + 1), method)

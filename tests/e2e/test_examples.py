@@ -12,9 +12,9 @@ ESTIMATOR_NAMES = ("paper", "sampled-logit", "softmax", "logit-grad", "covarianc
 
 
 def test_trace_your_loop_prints_tightness_and_saves_records(tmp_path):
-    out = tmp_path / "traces" / "step_000000.parquet"
+    out = tmp_path / "runs" / "trace_your_loop" / "step_000000.parquet"  # the default, under runs/
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "trace_your_loop.py"), str(out)],
+        [sys.executable, str(EXAMPLES / "trace_your_loop.py")],
         cwd=tmp_path,  # nothing is written next to the sources
         capture_output=True,
         text=True,
@@ -34,3 +34,4 @@ def test_trace_your_loop_prints_tightness_and_saves_records(tmp_path):
     df, config = load_records(out)
     assert list(df.columns) == [*COLUMNS, "omega_paper_appendix"] and len(df) > 0
     assert config["example"] == "trace_your_loop"
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]  # and nothing elsewhere

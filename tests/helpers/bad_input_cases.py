@@ -54,10 +54,14 @@ CLI_CASES = [
     ("float-field-given-text", "train --set lr=fast --out {new}", ["expects float"]),
     ("unknown-config-key", "train --set lrr=1 --out {new}", ["unknown config key", "lr"]),
     ("set-without-equals", "train --set lr --out {new}", ["key=value"]),
+    ("set-with-a-space", "train --set lr 1e-3 --out {new}", ["key=value", "--set lr=1e-3"]),
+    ("config-key-mistyped", "train --set clip_eps_hgh=0.3 --out {new}", ["unknown config key", "did you mean 'clip_eps_high'"]),
+    ("train-stray-argument", "train steer --out {new}", ["unexpected argument", "steer"]),
     ("unknown-objective", "train {base} --set objective=nope --out {new}", ["objective", "ppo"]),
     ("method-overridden-by-set", "train {base} --set method=steer --out {new}", ["chosen by name"]),
     ("steps-given-twice", "train {base} --steps 2 --set steps=1 --out {new}", ["given twice", "--steps 2"]),
     ("unknown-method", "train --method nope --out {new}", ["unknown method", "steer"]),
+    ("method-mistyped", "train --method stear --out {new}", ["unknown method", "did you mean 'steer'"]),
     # --- where the run goes ----------------------------------------------------------------------
     ("out-is-a-file", "train {base} --out {file}", ["is a file"]),
     ("out-in-read-only-dir", "train {base} --out {ro}/run", ["permission denied", "writable --out"]),
@@ -81,6 +85,7 @@ CLI_CASES = [
     # --- resuming ---------------------------------------------------------------------------------
     ("resume-changed-config", "train {base} --steps 2 --set lr=0.01 --out {run} --resume", ["differs in", "lr"]),
     ("resume-where-no-run", "train {base} --out {empty} --resume", ["no run to resume", "without --resume"]),
+    ("resume-other-method", "train --out {run} --resume --method steer", ["differs in method", "own config.json"]),
     ("resume-corrupt-metrics", "train {base} --steps 3 --out {badmetrics} --resume", ["metrics.parquet", "unreadable"]),
     # --- inputs that are missing, empty, truncated or foreign -------------------------------------
     ("model-missing", "train {base} --model {new} --out {new}", ["not a Hugging Face model directory"]),
@@ -107,6 +112,8 @@ CLI_CASES = [
     ("compare-repeated-method", "compare grpo grpo --out {new} --quiet", ["more than once"]),
     ("compare-unknown-method", "compare grpo nope --out {new} --quiet", ["unknown method"]),
     ("compare-zero-seeds", "compare grpo --seeds 0 --out {new} --quiet", ["--seeds", "at least 1"]),
+    ("compare-one-method", "compare grpo --out {new} --quiet", ["two methods", "entropy-lab train --method grpo"]),
+    ("compare-set-with-a-space", "compare grpo steer --set lr 1e-3 --out {new} --quiet", ["--set lr=1e-3"]),
 ]
 
 LIBRARY_CASES = [

@@ -51,10 +51,12 @@ References: TRL 1.16.0 ``trl/trainer/grpo_trainer.py``; transformers ``Trainer._
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
 from trl import GRPOTrainer
 
 from entropy_lab.errors import EntropyLabError
@@ -67,6 +69,10 @@ from entropy_lab.integrations.trl.run import TrlRunWriter, check_run_dir
 from entropy_lab.integrations.trl.window import TemperedLM, TracedStepBatch
 from entropy_lab.objectives.cov_select import uses_global_selection
 from entropy_lab.trace.tracer import EntropyTracer
+
+logger = hf_logging.get_logger(__name__)
+NO_LOGIT_GRAD = "omega_logit_grad is NaN in TRL traces: TRL's fused LM head hands the tracer no logits gradient (expected; the decomposition starts from softmax)"
+"""The one information line about the column TRL traces cannot fill (the tracer's own warning would blame the loop)."""
 
 
 class TracedGRPOTrainer(GRPOTrainer):
@@ -148,6 +154,8 @@ class TracedGRPOTrainer(GRPOTrainer):
         self._steer_context: dict = {}
         self._generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.add_callback(_CloseWindow(self))
+        if self._trace_every > 0:
+            logger.info(NO_LOGIT_GRAD)
 
     # --- schedule -----------------------------------------------------------------------------
     def _traced(self, step: int) -> bool:
@@ -203,7 +211,9 @@ class TracedGRPOTrainer(GRPOTrainer):
         window, self._window = self._window, None
         if window is None:
             return
-        records = window.close()
+        with warnings.catch_warnings():  # expected here, said once at start (NO_LOGIT_GRAD)
+            warnings.filterwarnings("ignore", message="no gradient reached", category=UserWarning)
+            records = window.close()
         if "rank" not in records:  # the tracer adds it itself under torch.distributed
             records.insert(0, "rank", int(self.accelerator.process_index))
         self._run.write_trace(window.traced, records, self.accelerator, window.step)

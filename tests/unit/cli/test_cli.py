@@ -120,10 +120,12 @@ def test_trace_analyses_existing_traces(trained_run):
 def test_trace_from_a_checkpoint(trained_run, dense_reward):
     result = invoke("trace", "--run", trained_run / "checkpoints" / "step_000002")
     assert result.exit_code == 0, result.output
-    assert (trained_run / "traces" / "step_000003.parquet").is_file()  # the update after the checkpoint
+    retrace = trained_run / "retrace" / "step_000002"
+    assert (retrace / "traces" / "step_000003.parquet").is_file()  # the update after the checkpoint
+    assert not (trained_run / "traces" / "step_000003.parquet").exists()  # the run's traces stay training's
     other = invoke("trace", "--run", trained_run, "--step", 2, "--method", "steer", "--format", "json")
     assert other.exit_code == 0, other.output
-    assert json.loads(other.output[other.output.index("{") :])["run"].endswith("retrace-steer-step_000002")
+    assert json.loads(other.output[other.output.index("{") :])["run"].endswith("retrace/step_000002-steer")
 
 
 def test_figures_rebuilds_from_records(trained_run, tmp_path):
@@ -204,10 +206,8 @@ def test_trace_from_a_checkpoint_tables_that_update_only(trained_run, tmp_path, 
 
     table = invoke("trace", "--run", run / "checkpoints" / "step_2")  # short for step_000002
     assert table.exit_code == 0, table.output
-    assert (
-        "tables below cover one update: step 3" in table.output and "pools all 3 traced steps" in table.output
-    )
-    (run / "traces" / "step_000003.parquet").unlink()
+    assert "tables below cover one update: step 3" in table.output
+    assert "report of this update" in table.output and "own traces and report are unchanged" in table.output
     js = invoke("trace", "--run", run / "checkpoints" / "step_000002", "--format", "json")
     data = json.loads(js.output[js.output.index("{") :])
     assert data["scope"] == "update" and data["traced_step"] == 3
@@ -292,3 +292,32 @@ def test_trace_from_a_checkpoint_with_jvp_records_the_jvp_estimators(trained_run
     assert {"omega_jvp", "omega_jvp_entropy"} <= set(records.columns)
     assert records["omega_jvp_entropy"].notna().all()
     assert {row["estimator"] for row in data["tightness"]} >= {"jvp", "jvp-entropy"}
+
+
+def test_a_checkpoint_trace_never_changes_the_run_and_is_listed(trained_run, tmp_path, dense_reward):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "retrace", ignore_errors=True)  # another test traced from this run
+    assert invoke("trace", "--run", run).exit_code == 0  # the run's own report, from training's traces
+    own = {p: p.read_bytes() for p in [run / "report.md", run / "report.json", *sorted(run.glob("traces/*"))]}
+
+    result = invoke("trace", "--run", run / "checkpoints" / "step_000002")
+    assert result.exit_code == 0, result.output
+    assert {p: p.read_bytes() for p in own} == own and len(list(run.glob("traces/*"))) == 2
+    retrace = run / "retrace" / "step_000002"
+    assert [p.name for p in (retrace / "traces").iterdir()] == ["step_000003.parquet"]
+    assert (retrace / "report.md").is_file() and (retrace / "figures").is_dir()
+
+    # an older version's folders beside the run's entries are still listed and readable
+    shutil.copytree(retrace, run / "retrace-steer-step_000002")
+    listed = json.loads(invoke("trace", "--run", run, "--format", "json").output)["retraces"]
+    assert [(e["traced_step"], e["variant"], e["layout"]) for e in listed] == [
+        (3, None, "retrace"),
+        (3, None, "legacy"),
+    ]
+    assert listed[0]["path"] == str(retrace)
+    table = invoke("trace", "--run", run)
+    assert f"{retrace}  (update 3 from checkpoint 2, grpo)" in table.output
+    assert "retrace-steer-step_000002  (update 3 from checkpoint 2, grpo, older layout)" in table.output
+    old = invoke("trace", "--run", run / "retrace-steer-step_000002", "--format", "json")
+    assert old.exit_code == 0 and json.loads(old.output)["traced_steps"] == 1

@@ -273,7 +273,7 @@ def test_cli_eta_sweep_from_a_checkpoint(
     result = CliRunner().invoke(app, ["trace", "--run", str(tmp_path / "run"), "--eta-sweep"])
     assert result.exit_code == 0, result.output
     assert "linear regime" in result.output and "jvp" in result.output
-    swept = RunDir(tmp_path / "run" / "eta-sweep-step_000002")
+    swept = RunDir(tmp_path / "run" / "retrace" / "step_000002-eta-sweep")
     assert (swept.figures_dir / "linear_regime.png").stat().st_size > 0
     assert len(swept.trace_files()) == 1
     assert swept.train_config().trace_eta_grid == format_eta_grid(DEFAULT_ETAS)
@@ -292,7 +292,8 @@ def test_cli_eta_sweep_from_a_checkpoint(
     )
     assert as_json.exit_code == 0, as_json.output
     payload = json.loads(as_json.output[as_json.output.index("{") :])
-    assert set(payload) == {"tightness", "shares", "figure"}
+    assert set(payload) == {"tightness", "shares", "figure", "report"}
+    assert json.loads((swept.path / "report.json").read_text())  # the sweep's own report
     assert {row["eta"] for row in payload["shares"]} == set(DEFAULT_ETAS)
     # the sweep directory is a run: analysing it reaches the linear regime through the report registry
     analysed = CliRunner().invoke(app, ["trace", "--run", str(swept.path)])
