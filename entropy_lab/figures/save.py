@@ -2,7 +2,8 @@
 
 Simplification: one fixed PNG resolution (``PNG_DPI``), chosen for small files that still
 read well in a report; dense artists (hexbins) are rasterised in the PDF by the plotting
-functions themselves.
+functions themselves. Axis labels longer than their axes are broken onto two lines first
+(``style.fit_labels``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from .style import fit_labels
 
 PNG_DPI = 130
 SUFFIXES = (".png", ".pdf")
@@ -30,6 +33,7 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
     if base.suffix.lower() in SUFFIXES:
         base = base.with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
+    fit_labels(fig)
     written = []
     for suffix in SUFFIXES:
         target = base.parent / f"{base.name}{suffix}"

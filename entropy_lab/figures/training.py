@@ -12,6 +12,9 @@ Deliberate simplifications:
 - ``entropy_change_distribution`` shows token-level |ΔH| as an ECDF on a log axis, so
   tokens with ΔH exactly 0 are left out of that panel.
 - ``pass_at_k_curves`` uses each run's last evaluation step unless ``step`` is given.
+- ``training_curves`` drops, per panel, the rows where that metric is not finite (a TRL run
+  with several iterations per generation logs reward on every other row only), so a curve
+  joins the steps that have a value instead of breaking into invisible fragments.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from entropy_lab.analyses.compare import ENTROPY, REWARD, curves, label_runs, pass_at_k_columns, t_interval
-from entropy_lab.analyses.tightness import MEASURED
+from entropy_lab.analyses.tightness import MEASURED, as_float
 from entropy_lab.formatting import finite_values
 
 from .style import (
@@ -34,6 +37,7 @@ from .style import (
     axis_label,
     colors,
     compact_ticks,
+    integer_ticks,
     new_figure,
     no_data,
     series_labels,
@@ -81,11 +85,14 @@ def training_curves(
             ):
                 no_data(ax)
                 continue
-            table = curves(metrics, column, confidence)
+            logged = metrics[np.isfinite(as_float(metrics[column]))]
+            table = curves(logged, column, confidence)
             palette = colors(table["method"].astype(str))
             for method, rows in table.groupby("method", sort=True):
                 color = palette[str(method)]
-                ax.plot(rows["step"], rows["mean"], color=color, label=str(method))
+                # A lone step is a point; a line needs two.
+                marker = "o" if len(rows) == 1 else None
+                ax.plot(rows["step"], rows["mean"], color=color, marker=marker, label=str(method))
                 if (rows["n_seeds"] > 1).any():
                     ax.fill_between(
                         rows["step"].to_numpy(dtype=float),
@@ -95,6 +102,7 @@ def training_curves(
                         alpha=0.2,
                         lw=0,
                     )
+            integer_ticks(ax)
             ax.legend(frameon=False, fontsize="small")
     return fig
 

@@ -138,6 +138,11 @@ def _summary(metrics: pd.DataFrame, evals: pd.DataFrame, method: str, seed: int)
     return {k: json_value(v) for k, v in table.iloc[0].items()}
 
 
+def _named(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """``frame`` with its ``method`` column set to ``label`` (empty frames stay as they are)."""
+    return frame.assign(method=label) if len(frame) else frame
+
+
 def _config_line(config: Mapping[str, Any]) -> str:
     """``method · task · steps · lr · seed`` of a run's config, as one markdown line."""
     data = (
@@ -222,7 +227,9 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
     metrics, evals = read_tables(run)
     records = load_run_records(run) if run.trace_files() else None
     tables = trace_tables(records, estimator) if records is not None else {}
-    written = write_training_figures(metrics, evals, run.figures_dir)
+    # Curves carry the run's name, as the trace figures' series do (``figures.style.series_labels``).
+    label = f"{config.get('method', 'unknown')} / {run.path.name}"
+    written = write_training_figures(_named(metrics, label), _named(evals, label), run.figures_dir)
     if records is not None:
         written += write_trace_figures(records, tables, run.figures_dir)
     summary = {
