@@ -8,7 +8,8 @@ modules: ``load`` (reading runs), ``entries`` (the registered analyses: table, f
 and section each), ``markdown`` and ``json_tables`` (output formats), and
 ``entropy_lab.formatting`` (numbers).
 
-- ``run_report``: one run -> ``<run>/figures/*``, ``<run>/report.md`` and ``<run>/report.json``.
+- ``run_report``: one run -> ``<run>/figures/*``, ``<run>/report.md``, ``<run>/report.json`` and
+  ``<run>/report.html`` (self-contained: tables, figures and every traced token, ``report.html``).
 - ``compare_report``: several methods (one run directory per seed) -> a comparison
   table, curves, entropy-change spreads and tightness per method in ``out_dir``, as
   ``report.md`` and ``report.json``.
@@ -50,9 +51,11 @@ from entropy_lab.report.entries import (
     weights_vary,
     write_trace_figures,
 )
+from entropy_lab.report.html import HTML_NAME, write_html_report
 from entropy_lab.report.json_tables import json_value, report_json
 from entropy_lab.report.load import collect, config_record, load_run_records, read_tables
 from entropy_lab.report.markdown import figure_links, markdown_table
+from entropy_lab.report.tokens import TokenText, find_tokenizer
 from entropy_lab.runs import RunDir, write_text_atomic
 
 __all__ = [
@@ -195,6 +198,8 @@ def run_markdown(
 ) -> str:
     """The text of one run's ``report.md`` (see ``run_report``)."""
     lines = [f"# entropy-lab report: {name}", "", _config_line(config), ""]
+    if records is not None:
+        lines += [f"Every traced token, coloured by its entropy change: [{HTML_NAME}]({HTML_NAME}).", ""]
     lines += _training_section(summary, links)
     if records is None:
         lines += [
@@ -214,12 +219,15 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
 
     Loads the traces (when there are any), metrics and evaluations; writes the figures into
     ``run.figures_dir``, the markdown into ``run.report_path`` and, next to it, the same
-    tables as ``report.json`` (``write_report_json``, scope ``"run"``, with the summary). A
-    run without traces gets a metrics-only report.
+    tables as ``report.json`` (``write_report_json``, scope ``"run"``, with the summary) and
+    the page ``report.html`` (``report.html``: tables, figures, every traced token with its
+    text decoded by the run's own tokenizer when it holds one). A run without traces gets a
+    metrics-only report.
 
     Returns:
         ``{"tables": {name: DataFrame} (empty without traces), "figures": [paths],
-        "report": path of report.md, "json": path of report.json, "summary": dict}`` - the
+        "report": path of report.md, "json": path of report.json, "html": path of report.html,
+        "summary": dict}`` - the
         summary holds ``run``, the ``analyses.run_summary`` statistics (NaN -> None),
         ``trace_tokens``, ``trace_steps`` and ``noise_floor`` (None without traces).
     """
@@ -245,11 +253,21 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
     json_path = write_report_json(
         run.path / REPORT_JSON_NAME, run.path.name, "run", key_facts(config), tables, summary=summary
     )
+    html_path = write_html_report(
+        run.path / HTML_NAME,
+        f"entropy-lab report: {run.path.name}",
+        _config_line(config).replace("`", ""),
+        records,
+        TokenText(find_tokenizer(run, config), base=run.path.parent),
+        written,
+        tables,
+    )
     return {
         "tables": tables,
         "figures": written,
         "report": run.report_path,
         "json": json_path,
+        "html": html_path,
         "summary": summary,
     }
 
