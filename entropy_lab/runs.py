@@ -6,7 +6,7 @@
     runs/<name>/eval.parquet         periodic evaluation (greedy accuracy, pass@k)
     runs/<name>/traces/step_XXXXXX.parquet   every traced update of that step (column ``update``)
     runs/<name>/checkpoints/step_XXXXXX/     model + tokenizer (save_pretrained), trainer_state.pt
-    runs/<name>/figures/, report.md, report.json, retrace-*/ (runs traced from a checkpoint)
+    runs/<name>/figures/, report.md, report.json, report.html, retrace-*/ (runs traced from a checkpoint)
 
 Every file is written under a temporary name and renamed into place, so a killed run
 leaves either the old or the new version, never half of one.
@@ -72,6 +72,7 @@ LAYOUT = frozenset(
         "figures",
         "report.md",
         "report.json",
+        "report.html",
     }
 )
 """Top-level entries of a run directory; ``retrace-*`` runs and ``*.tmp`` leftovers are known too."""

@@ -257,3 +257,9 @@ def test_chromium_renders_the_tokens_and_a_screenshot_that_is_not_blank(report, 
     assert (np.abs(pixels - 255).sum(axis=2) > 30).mean() > 0.01  # not a blank page
     colours = np.array(rendered.backgrounds)  # (tokens, 3): coloured by the measured change, both signs
     assert (colours[:, 0] - colours[:, 2] > 20).any() and (colours[:, 2] - colours[:, 0] > 20).any()
+
+
+def test_a_run_holding_its_report_html_can_still_be_overwritten(report):
+    run, _records, result = report
+    assert result["html"].parent == run.path
+    run.check_removable()  # report.html is a file entropy-lab writes: --overwrite still works
