@@ -2,7 +2,7 @@
 
 ``find_tokenizer`` looks for a ``tokenizer.json`` (the file every fast Hugging Face tokenizer
 saves) in this order: the run's latest checkpoint (``checkpoints/step_*/model/``), the
-checkpoints of the run a retrace directory sits in (its parent), and the configuration's
+checkpoints of the run a checkpoint trace's directory sits in (its parent or grandparent), and the configuration's
 ``model`` when that is a local directory. ``TokenText`` decodes one id at a time with the
 ``tokenizers`` library.
 
@@ -39,8 +39,10 @@ def _latest_checkpoint_tokenizer(run: RunDir) -> Path | None:
 def find_tokenizer(run: RunDir, config: Mapping[str, Any] | None = None) -> Path | None:
     """The ``tokenizer.json`` that decodes this run's token ids, or None (see the module docstring)."""
     found = _latest_checkpoint_tokenizer(run)
-    if found is None and (run.path.parent / "config.json").is_file():
-        found = _latest_checkpoint_tokenizer(RunDir(run.path.parent))  # a retrace directory's run
+    # A checkpoint trace's directory sits inside its run (RUN/retrace-*/ or RUN/retrace/step_N/).
+    for above in run.path.parents[:2]:
+        if found is None and (above / "config.json").is_file():
+            found = _latest_checkpoint_tokenizer(RunDir(above))
     model = (config or {}).get("model")
     if found is None and model:
         candidate = Path(str(model)) / TOKENIZER_FILE

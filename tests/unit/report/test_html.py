@@ -185,7 +185,11 @@ def test_a_retrace_directory_uses_its_runs_tokenizer_and_a_bad_file_falls_back(t
     run, _records = make_run(tmp_path / "run")
     retrace = RunDir(run.path / "retrace-steer-step_000004")
     retrace.create(TrainConfig(method="steer", steps=5, task="countdown"))
-    assert find_tokenizer(retrace, {}) == run.checkpoint_path(4) / "model" / "tokenizer.json"
+    expected = run.checkpoint_path(4) / "model" / "tokenizer.json"
+    assert find_tokenizer(retrace, {}) == expected
+    nested = RunDir(run.path / "retrace" / "step_000004")
+    nested.create(TrainConfig(method="grpo", steps=5, task="countdown"))
+    assert find_tokenizer(nested, {}) == expected
     bad = tmp_path / "tokenizer.json"
     bad.write_text("not json")
     text = TokenText(bad)
