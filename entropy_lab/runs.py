@@ -7,6 +7,7 @@
     runs/<name>/traces/step_XXXXXX.parquet   every traced update of that step (column ``update``)
     runs/<name>/checkpoints/step_XXXXXX/     model + tokenizer (save_pretrained), trainer_state.pt
     runs/<name>/figures/, report.md, report.json, report.html, retrace-*/ (runs traced from a checkpoint)
+    runs/<name>/tensorboard/, wandb/          experiment logs (``report_to``)
 
 Every file is written under a temporary name and renamed into place, so a killed run
 leaves either the old or the new version, never half of one.
@@ -73,6 +74,8 @@ LAYOUT = frozenset(
         "report.md",
         "report.json",
         "report.html",
+        "tensorboard",
+        "wandb",
     }
 )
 """Top-level entries of a run directory; ``retrace-*`` runs and ``*.tmp`` leftovers are known too."""
