@@ -15,7 +15,7 @@ against the measured change (``analyses.tightness``), and the measured sum of dH
   (``wandb sync`` uploads it later).
 
 The TRL integration logs ``trace_metrics`` through TRL's own ``report_to``
-(``entropy_lab.integrations.trl.logging``).
+(``entropy_lab.integrations.trl.trace_log``).
 
 Deliberate simplifications:
 
@@ -157,6 +157,21 @@ def with_loggers(
 
 
 # --- the built-in loggers ------------------------------------------------------------------------
+
+
+class NoLogger:
+    """``report_to=none``: registered so that it is listed among the valid names; never built."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@register_logger("none")
+def _none(run: RunDir, cfg: TrainConfig) -> MetricLogger:
+    return NoLogger()
 
 
 class TensorBoardLogger:

@@ -15,6 +15,9 @@ What it does:
   multiplier, the ``loss_type``'s normaliser, see ``losses`` and ``annotate``), so ``weight`` and the closed
   forms mean what they mean in the bundled trainer. Each rank traces its own rows; rank 0
   writes the union with a ``rank`` column to ``traces/step_XXXXXX.parquet``.
+- **Logging.** With ``args.report_to`` (tensorboard, wandb, ...), each traced step's per-estimator
+  Pearson, sign agreement and gain and its measured sum of dH are logged through TRL's own
+  integrations next to TRL's metrics (``trace_log``).
 - **Run directory.** ``config.json`` (the resolved TrainConfig, TRL's arguments and versions) and
   ``metrics.parquet`` (TRL's logged metrics plus ``entropy/mean`` and ``reward/mean``), so
   ``entropy-lab trace --run``, ``figures`` and ``compare`` read it like a bundled run.
@@ -58,6 +61,7 @@ from entropy_lab.integrations.trl.losses import get_loss_type
 from entropy_lab.integrations.trl.methods import TrlSettings, base_config, resolve_trl_method
 from entropy_lab.integrations.trl.project_loss import batch_context, project_loss
 from entropy_lab.integrations.trl.run import TrlRunWriter
+from entropy_lab.integrations.trl.trace_log import TraceLogCallback
 from entropy_lab.integrations.trl.window import TemperedLM, TracedStepBatch
 from entropy_lab.trace.tracer import EntropyTracer
 
@@ -130,6 +134,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         self._steer_context: dict = {}
         self._generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.add_callback(_CloseWindow(self))
+        self.add_callback(TraceLogCallback(self))  # a traced step's tightness, through args.report_to
 
     # --- schedule -----------------------------------------------------------------------------
     def _traced(self, step: int) -> bool:
