@@ -107,25 +107,37 @@ def token_payload(
     columns = colour_columns(records, tables or {})
     fields = [f for f in RECORD_FIELDS if f in records.columns]
     keys = [k for k in RESPONSE_KEYS if k in records.columns]
+    order = [*keys, "position"] if "position" in records.columns else keys
+    frame = records.sort_values(order, kind="stable").reset_index(drop=True) if order else records
+    n = len(frame)
+    # Every column converted once for all tokens, then cut into responses (one group per response).
+    stored: dict[str, list] = {}
+    for column in columns:  # a residual is computed by the page from dH, omega and the gain
+        if "of" not in column:
+            stored[column["key"]] = _rounded(as_float(frame[column["key"]]))
+    for field in fields:
+        stored[field] = (
+            [int(v) for v in frame[field].to_numpy()]
+            if field in INT_FIELDS
+            else _rounded(as_float(frame[field]))
+        )
+    ids = frame["token_id"].to_numpy() if "token_id" in frame.columns else np.zeros(n, dtype=int)
+    texts = [text.decode(int(i)) for i in ids]
+    advantage = _rounded(as_float(frame["advantage"])) if "advantage" in frame.columns else [None] * n
+    if keys:
+        key_array = frame[keys].to_numpy(dtype=np.int64)  # (n, len(keys))
+        starts = (
+            np.flatnonzero(np.r_[True, (key_array[1:] != key_array[:-1]).any(axis=1)]) if n else np.zeros(0)
+        )
+    else:
+        key_array, starts = np.zeros((n, 0), dtype=np.int64), np.zeros(1 if n else 0, dtype=int)
+    bounds = [*starts.tolist(), n]
     responses = []
-    for key_values, rows in records.groupby(keys, sort=True) if keys else [((), records)]:
-        rows = rows.sort_values("position") if "position" in rows.columns else rows
-        values: dict[str, list] = {}
-        for column in columns:  # a residual is computed by the page from dH, omega and the gain
-            if "of" not in column:
-                values[column["key"]] = _rounded(as_float(rows[column["key"]]))
-        for field in fields:
-            values[field] = (
-                [int(v) for v in rows[field].to_numpy()]
-                if field in INT_FIELDS
-                else _rounded(as_float(rows[field]))
-            )
-        ids = rows["token_id"].to_numpy() if "token_id" in rows.columns else np.zeros(len(rows), dtype=int)
-        advantage = as_float(rows["advantage"]) if "advantage" in rows.columns else np.full(len(rows), np.nan)
-        entry: dict[str, Any] = dict(zip(keys, (int(v) for v in np.atleast_1d(key_values)), strict=True))
-        entry["advantage"] = _rounded(advantage[:1])[0] if len(advantage) else None
-        entry["text"] = [text.decode(int(i)) for i in ids]
-        entry["values"] = values
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        entry: dict[str, Any] = {k: int(v) for k, v in zip(keys, key_array[a], strict=True)}
+        entry["advantage"] = advantage[a]
+        entry["text"] = texts[a:b]
+        entry["values"] = {key: values[a:b] for key, values in stored.items()}
         responses.append(entry)
     public = [{k: c[k] for k in ("key", "label", "signed", "of", "gain") if k in c} for c in columns]
     return {"columns": public, "fields": fields, "tokenizer": text.source, "responses": responses}
