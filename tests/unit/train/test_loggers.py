@@ -183,3 +183,15 @@ def test_wandb_offline_run_directory(train_run, monkeypatch):
     pearson = reference_tightness(records, "omega_softmax")["pearson"]
     assert logged_values(data, "tightness/softmax/pearson")[0] == pytest.approx(pearson, rel=1e-5)
     run.check_removable()
+
+
+def test_a_resumed_run_may_change_report_to_but_not_its_numerics(tmp_path):
+    from entropy_lab.config import TrainConfig
+    from entropy_lab.trainer.resume import check_resumable
+
+    run = RunDir(tmp_path / "run")
+    cfg = TrainConfig(task="arithmetic", steps=4)
+    run.create(cfg)
+    check_resumable(run, cfg.replace(report_to="tensorboard", steps=8))
+    with pytest.raises(EntropyLabError, match="differs in lr"):
+        check_resumable(run, cfg.replace(report_to="tensorboard", lr=0.5))
