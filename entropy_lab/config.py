@@ -200,6 +200,10 @@ class TrainConfig:
     """Also measure the traced tokens' entropy at theta + eta dtheta in traced steps, for these positive
     multiples eta of the actual step, comma-separated (e.g. 0.25,0.5,1): regime@ columns, tabled by
     ``entropy_lab.analyses.regime``; one no-grad forward per eta plus one forward-mode pass. None: no sweep."""
+    report_to: str = "none"
+    """Where step metrics go besides metrics.parquet (``entropy_lab.trainer.loggers``): none, tensorboard
+    (``<run>/tensorboard/``), wandb (``<run>/wandb/``; WANDB_MODE=offline needs no network), or several
+    comma-separated. Traced steps add each estimator's Pearson, sign agreement and gain, and the sum of dH."""
     controller: str = "none"
     """Entropy controller consulted before each optimizer step (``entropy_lab.controllers``): none,
     adaptive-entropy or entropy-target."""

@@ -4,13 +4,14 @@ that comes before every delete or replace (docs/cli.md, Run directories).
 In a run directory every entry must match one of these patterns, recursively:
 
     top level     .entropy-lab-run, .entropy-lab-lock, .entropy-lab-files, config.json,
-                  metrics.parquet, eval.parquet, report.md, report.json (and ``<name>.tmp`` of
+                  metrics.parquet, eval.parquet, report.md, report.json, report.html (and ``<name>.tmp`` of
                   each file written atomically)
     traces/       step_XXXXXX.parquet (and .tmp)
     checkpoints/  step_XXXXXX/ whose every file its checkpoint.json lists; step_XXXXXX.tmp/ and
                   .old/ (a save in flight) holding only model/, trainer_state.pt, checkpoint.json
     figures/      a file the directory's ledger lists with its current SHA-256, or the PNG/PDF of
                   a built-in figure (runs written before the ledger existed)
+    tensorboard/, wandb/   experiment logs (``report_to``): any file, no symbolic link
     retrace/      step_XXXXXX[-<method>][-jvp|-eta-sweep]/: runs of their own (with the marker)
     noise-floor-step_XXXXXX/   noise_floor.csv and one run (with the marker) per setting
     retrace-*/, eta-sweep-*/   (older layout) runs of their own, vetted by the same rules
@@ -51,7 +52,7 @@ LEDGER = ".entropy-lab-files"
 """Per directory: the files entropy-lab wrote there, with their SHA-256."""
 
 RUN_FILES = frozenset(
-    {MARKER, LEDGER, "config.json", "metrics.parquet", "eval.parquet", "report.md", "report.json"}
+    {MARKER, LEDGER, "config.json", "metrics.parquet", "eval.parquet", "report.md", "report.json", "report.html"}
 )
 """Top-level files of a run, each written atomically (through ``<name>.tmp``)."""
 RUN_DIRS = frozenset({"traces", "checkpoints", "figures", "retrace"})
@@ -68,6 +69,7 @@ BUILTIN_FIGURES = frozenset(
         "entropy_change_distribution",
         "steer_weights",
         "linear_regime",
+        "entropy_by_position",
     }
 )
 """Stems of the figures entropy-lab itself draws (PNG and PDF each)."""
@@ -77,6 +79,8 @@ STEP = re.compile(r"step_\d{6}")
 TRACE = re.compile(r"step_\d{6}\.parquet(\.tmp)?")
 CHECKPOINT = re.compile(r"step_\d{6}(\.tmp|\.old)?")
 SUB_RUN = re.compile(r"(retrace|eta-sweep)-.+")
+LOG_DIRS = frozenset({"tensorboard", "wandb"})
+"""Experiment logs (``report_to``): written by TensorBoard and W&B, at any depth, on entropy-lab's behalf."""
 STUDY_DIR = re.compile(r"noise-floor-step_\d{6}")
 STUDY_FILES = frozenset({"noise_floor.csv", LEDGER})
 """A study written inside a run (``entropy-lab study noise-floor``): its table and one run per setting."""
@@ -236,6 +240,8 @@ def _vet_run(folder: Path, prefix: str, out: list[str]) -> None:
                 _vet_checkpoints(Path(e.path), rel + "/", out)
             elif e.name == "figures":
                 _vet_figures(Path(e.path), rel + "/", out)
+            elif e.name in LOG_DIRS:
+                out.extend(f"{prefix}{e.name}/{link} (a symbolic link)" for link in links_in(Path(e.path)))
             elif e.name == "retrace" or STUDY_DIR.fullmatch(e.name):
                 _vet_sub_runs(Path(e.path), rel + "/", out)
             elif SUB_RUN.fullmatch(e.name) and (Path(e.path) / MARKER).is_file():

@@ -8,7 +8,8 @@
     runs/<name>/eval.parquet         periodic evaluation (greedy accuracy, pass@k)
     runs/<name>/traces/step_XXXXXX.parquet   every traced update of that step (column ``update``)
     runs/<name>/checkpoints/step_XXXXXX/     model + tokenizer (save_pretrained), trainer_state.pt
-    runs/<name>/figures/, report.md, report.json
+    runs/<name>/figures/, report.md, report.json, report.html
+    runs/<name>/tensorboard/, wandb/          experiment logs (``report_to``)
     runs/<name>/retrace/step_XXXXXX[-<method>][-jvp|-eta-sweep]/   an update traced from a
         checkpoint, a run directory of its own (older runs: retrace-*/, eta-sweep-*/ beside traces/)
 

@@ -6,7 +6,8 @@ label states its unit and whether it is token-level, batch-level or problem-leve
 
 - ``theory``: measured vs predicted, residual bins, quadrants, tightness per step.
 - ``decomposition``: the calibrated decomposition and the coupling study.
-- ``training``: training curves, entropy-change spread, pass@k, intervention weights.
+- ``training``: training curves, entropy-change spread, pass@k, intervention weights,
+  entropy by position and step.
 - ``save``: ``save_figure`` writes PNG and PDF.
 """
 
@@ -19,6 +20,7 @@ from .theory import (
     tightness_over_steps,
 )
 from .training import (
+    entropy_by_position,
     entropy_change_distribution,
     pass_at_k_curves,
     steer_weight_distribution,
@@ -28,6 +30,7 @@ from .training import (
 __all__ = [
     "coupling_study_figure",
     "decomposition_bar",
+    "entropy_by_position",
     "entropy_change_distribution",
     "measured_vs_predicted",
     "pass_at_k_curves",

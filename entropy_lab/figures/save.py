@@ -6,7 +6,8 @@ of written files); every file written is added to that ledger.
 
 Simplification: one fixed PNG resolution (``PNG_DPI``), chosen for small files that still
 read well in a report; dense artists (hexbins) are rasterised in the PDF by the plotting
-functions themselves.
+functions themselves. Axis labels longer than their axes are broken onto two lines first
+(``style.fit_labels``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from entropy_lab.run_files import check_replaceable, record_written
+from .style import fit_labels
 
 PNG_DPI = 130
 SUFFIXES = (".png", ".pdf")
@@ -42,6 +44,7 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
     written = [base.parent / f"{base.name}{suffix}" for suffix in SUFFIXES]
     try:
         check_replaceable(written)
+        fit_labels(fig)
         base.parent.mkdir(parents=True, exist_ok=True)
         for target in written:
             tmp = target.with_name(target.name + ".tmp")

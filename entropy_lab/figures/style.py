@@ -11,6 +11,8 @@ Deliberate simplifications:
   viridis for densities and ColorBrewer RdBu for signed values, all colour-blind safe.
 - Every axis label names its unit and its level: token-level (one traced token),
   batch-level (one training step's batch) or problem-level (evaluation problems).
+  ``fit_labels`` breaks a label that is longer than its axes before the unit, so that
+  no label runs out of the figure; it measures text, so it needs a drawn canvas.
 """
 
 from __future__ import annotations
@@ -94,6 +96,37 @@ def new_figure(
     for extra in axes[n_panels:]:
         extra.remove()
     return fig, axes[:n_panels]
+
+
+def integer_ticks(ax: Axes, which: str = "x") -> None:
+    """Whole-number ticks on the given axis ("x" or "y"): steps and counts are never 2.5."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+
+
+def fit_labels(fig: Figure) -> Figure:
+    """Break each axis label longer than its axes onto two lines, before ``" ("`` (the unit).
+
+    Label lengths are measured on a draw of the figure, so this is called once the figure is
+    complete (``save_figure`` does). Returns ``fig``.
+    """
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for ax in fig.axes:
+        box = ax.get_window_extent(renderer)
+        # (label, its length along the axis, the room the axes gives it); a y label is rotated.
+        for label, room, horizontal in (
+            (ax.xaxis.label, box.width, True),
+            (ax.yaxis.label, box.height, False),
+        ):
+            text = label.get_text()
+            if "\n" in text or " (" not in text:
+                continue
+            extent = label.get_window_extent(renderer)
+            if (extent.width if horizontal else extent.height) > room:
+                head, _, tail = text.rpartition(" (")
+                label.set_text(f"{head}\n({tail}")
+    return fig
 
 
 def no_data(ax: Axes, note: str = "no data") -> None:

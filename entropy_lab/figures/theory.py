@@ -16,6 +16,7 @@ Deliberate simplifications:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,7 @@ from .style import (
     colors,
     compact_ticks,
     extend_colors,
+    integer_ticks,
     new_figure,
     no_data,
     series_labels,
@@ -60,6 +62,9 @@ FACTOR_LABELS = {
     "surprisal": axis_label("surprisal −log π_a", "nats", TOKEN),
     "entropy": axis_label("entropy H before", "nats", TOKEN),
 }
+GAIN_LINE_COLOR = "C3"
+NO_STATISTIC_STYLE: dict[str, Any] = {"color": "0.6", "ls": "--", "lw": 0.9}
+NO_STATISTIC_LABEL = "traced, no statistic\n(every ω = 0, e.g. all A = 0)"
 PREDICTED_LABEL = axis_label("predicted ω", "nats", TOKEN)
 RESIDUAL_LABEL = axis_label("residual ΔH − pred.", "nats", TOKEN)
 # (axis label, panel title): short labels, the definition goes in the title.
@@ -83,24 +88,25 @@ def measured_vs_predicted(
         gridsize: hexagons across the x range.
 
     Returns:
-        A Figure with one axes per estimator (one "no data" axes when none is usable); each
+        A Figure with one axes per estimator that has a finite, nonzero prediction (one "no
+        data" axes when none has; the estimators left out are named under the panels); each
         shows the line y = g x of the pooled least-squares gain g and, in its title, the
         Pearson r and g.
     """
     names = resolve_estimators(records, estimators) if MEASURED in records.columns else []
-    stats = tightness_summary(records, names, split_runs=False).set_index("estimator") if names else None
+    # Only estimators with a token to plot get a panel; the others are named under the figure.
+    usable = [name for name in names if _plottable(records, name)]
+    left_out = [name for name in names if name not in usable]
+    stats = tightness_summary(records, usable, split_runs=False).set_index("estimator") if usable else None
     with styled():
-        fig, axes = new_figure(len(names), panel_size=(3.8, 3.2))
-        if not names:
+        fig, axes = new_figure(len(usable), panel_size=(3.8, 3.2))
+        if not usable:
             _label(axes[0], PREDICTED_LABEL, DELTA_H_LABEL)
-            no_data(axes[0])
+            no_data(axes[0], "no data" if not left_out else f"no nonzero prediction: {', '.join(left_out)}")
             return fig
-        for ax, name in zip(axes, names, strict=True):
+        for ax, name in zip(axes, usable, strict=True):
             measured, predicted = finite_pairs(records, MEASURED, estimator_columns(records)[name])
             _label(ax, PREDICTED_LABEL, DELTA_H_LABEL)
-            if len(measured) == 0:
-                no_data(ax)
-                continue
             if np.ptp(predicted) > 0 and np.ptp(measured) > 0:
                 ax.hexbin(
                     predicted, measured, gridsize=gridsize, mincnt=1, bins="log", cmap=SEQUENTIAL_CMAP,
@@ -108,17 +114,26 @@ def measured_vs_predicted(
                 )  # fmt: skip
             else:  # hexbin needs a non-degenerate extent
                 ax.scatter(predicted, measured, s=6, rasterized=True)
-            assert stats is not None  # names is non-empty inside this loop
+            assert stats is not None  # usable is non-empty inside this loop
             gain, r = stats.loc[name, "gain"], stats.loc[name, "pearson"]
             if np.isfinite(gain):
                 xs = np.linspace(predicted.min(), predicted.max(), 2)
-                ax.plot(xs, gain * xs, color="C3", lw=1.2, label=f"ΔH = {gain:.3g} ω")
-                ax.legend(loc="upper left", frameon=False)
+                ax.plot(xs, gain * xs, color=GAIN_LINE_COLOR, lw=1.2)
             ax.axhline(0, color="0.6", lw=0.6)
             ax.axvline(0, color="0.6", lw=0.6)
             ax.set_title(f"{name}: r = {r:.3f}, g = {gain:.3g}")
             compact_ticks(ax, "both")
+        note = "red line: ΔH = g ω, g the least-squares gain through the origin"
+        if left_out:
+            note += f"; no panel (no finite, nonzero prediction): {', '.join(left_out)}"
+        fig.supxlabel(note, fontsize="small", color="0.3")
     return fig
+
+
+def _plottable(records: pd.DataFrame, name: str) -> bool:
+    """Whether estimator ``name`` has a finite (measured, predicted) pair with a nonzero prediction."""
+    _measured, predicted = finite_pairs(records, MEASURED, estimator_columns(records)[name])
+    return bool(np.any(predicted != 0))
 
 
 def residuals_by_factor_panels(table: pd.DataFrame, shares: pd.DataFrame | None = None) -> Figure:
@@ -157,7 +172,7 @@ def residuals_by_factor_panels(table: pd.DataFrame, shares: pd.DataFrame | None 
                 no_data(ax)
                 continue
             ax.axhline(0, color="0.6", lw=0.6)
-            compact_ticks(ax, "y")
+            compact_ticks(ax, "both")  # weights are ~1e-4: long tick labels would overlap
             handles, names = ax.get_legend_handles_labels()
             handles.append(Line2D([], [], ls=":", color="0.3"))
             names.append("RMS")
@@ -211,8 +226,9 @@ def quadrant_heatmap(table: pd.DataFrame) -> Figure:
             ax.grid(False)
             _label(ax, grid_label, advantage_label)
             zero = rows.loc["A=0", "share"] if "A=0" in rows.index else 0.0
+            # Two lines: a run name and the share side by side are wider than the panel.
             ax.set_title(
-                f"{run} (A = 0: {zero:.0%} of tokens)" if run != ALL else f"A = 0: {zero:.0%} of tokens"
+                f"{run}\nA = 0: {zero:.0%} of tokens" if run != ALL else f"A = 0: {zero:.0%} of tokens"
             )
         assert image is not None  # the table holds at least one run
         bar = fig.colorbar(image, ax=axes, shrink=0.8)
@@ -245,7 +261,11 @@ def tightness_over_steps(
         metrics: tightness columns to plot.
 
     Returns:
-        A Figure with one axes per statistic and one legend outside the panels.
+        A Figure with one axes per statistic and one legend outside the panels. Every traced
+        step of the table is shown: a step where no estimator has a finite statistic (every
+        ω is 0 when no token has a nonzero advantage, so correlation and gain are undefined)
+        is a dashed grey vertical line, named in the legend, and the curves join its
+        neighbours.
     """
     usable = len(table) > 0 and "step" in table.columns and set(metrics) <= set(table.columns)
     with styled():
@@ -260,26 +280,50 @@ def tightness_over_steps(
             return fig
         frame = table.assign(series=series_labels(table))
         means = frame.groupby(["series", "estimator", "step"], sort=True)[list(metrics)].mean().reset_index()
+        # An estimator without a single finite statistic (an all-NaN column) gets no line and no legend entry.
+        has_value = np.isfinite(means[list(metrics)].to_numpy(dtype=float)).any(axis=1)
+        shown = set(means.loc[has_value, "estimator"])
+        means = means[means["estimator"].isin(shown)] if shown else means
         # Built-ins keep their colours whatever else is present; further estimators take the next ones.
         palette = extend_colors(colors(ESTIMATOR_COLUMNS), means["estimator"])
         runs = sorted(set(means["series"]))
         styles = {run: LINESTYLES[i % len(LINESTYLES)] for i, run in enumerate(runs)}
+        marked = False
         for ax, metric in zip(axes, metrics, strict=True):
             drawn = False
             for (run, estimator), rows in means.groupby(["series", "estimator"], sort=True):
-                y = rows[metric].to_numpy(dtype=float)
-                ax.plot(rows["step"], y, styles[run], marker=".", color=palette.get(estimator, "0.3"))
-                drawn = drawn or np.isfinite(y).any()
+                steps, y = rows["step"].to_numpy(dtype=float), rows[metric].to_numpy(dtype=float)
+                finite = np.isfinite(y)  # joined across a step without a value; that step is marked below
+                ax.plot(
+                    steps[finite], y[finite], styles[run], marker=".", color=palette.get(estimator, "0.3")
+                )
+                drawn = drawn or bool(finite.any())
+            for step in _steps_without_statistic(means, metric):
+                ax.axvline(step, **NO_STATISTIC_STYLE)
+                marked = True
             if not drawn:
-                no_data(ax)
+                no_data(ax, "no statistic at any traced step")
+            else:
+                compact_ticks(ax, "y")  # gains reach 1e5 or more
+                integer_ticks(ax)
         estimators = list(dict.fromkeys(means["estimator"]))
         handles = [Line2D([], [], color=palette.get(e, "0.3"), marker=".") for e in estimators]
         names = list(estimators)
         if len(runs) > 1:
             handles += [Line2D([], [], color="0.3", ls=styles[run]) for run in runs]
             names += runs
+        if marked:
+            handles.append(Line2D([], [], **NO_STATISTIC_STYLE))
+            names.append(NO_STATISTIC_LABEL)
         fig.legend(handles, names, loc="outside right upper", frameon=False, fontsize="small")
     return fig
+
+
+def _steps_without_statistic(means: pd.DataFrame, metric: str) -> list[float]:
+    """Traced steps at which no estimator of some series has a finite ``metric``."""
+    finite = means.assign(finite=np.isfinite(means[metric].to_numpy(dtype=float)))
+    per_step = finite.groupby(["series", "step"], sort=True)["finite"].any()
+    return sorted({float(step) for (_series, step), any_finite in per_step.items() if not any_finite})
 
 
 def _label(ax: Axes, xlabel: str, ylabel: str) -> None:

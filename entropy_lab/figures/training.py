@@ -1,4 +1,4 @@
-"""Figures comparing training runs: curves, entropy-change spread, pass@k, STEER weights.
+"""Figures comparing training runs: curves, entropy-change spread, pass@k, STEER weights, entropy by position.
 
 Inputs: run metrics and eval frames (``method`` and ``seed`` columns added by the
 caller, see ``entropy_lab.analyses.compare``) or trace records with a ``method`` (or
@@ -12,6 +12,12 @@ Deliberate simplifications:
 - ``entropy_change_distribution`` shows token-level |ΔH| as an ECDF on a log axis, so
   tokens with ΔH exactly 0 are left out of that panel.
 - ``pass_at_k_curves`` uses each run's last evaluation step unless ``step`` is given.
+- ``entropy_by_position`` puts the traced steps side by side in order (one column each,
+  evenly spaced whatever the gaps between them) and averages the entropy over the traced
+  responses and updates of a step at each sequence position.
+- ``training_curves`` drops, per panel, the rows where that metric is not finite (a TRL run
+  with several iterations per generation logs reward on every other row only), so a curve
+  joins the steps that have a value instead of breaking into invisible fragments.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from entropy_lab.analyses.compare import ENTROPY, REWARD, curves, label_runs, pass_at_k_columns, t_interval
-from entropy_lab.analyses.tightness import MEASURED
+from entropy_lab.analyses.tightness import MEASURED, as_float
 from entropy_lab.formatting import finite_values
 
 from .style import (
@@ -34,6 +40,7 @@ from .style import (
     axis_label,
     colors,
     compact_ticks,
+    integer_ticks,
     new_figure,
     no_data,
     series_labels,
@@ -81,11 +88,14 @@ def training_curves(
             ):
                 no_data(ax)
                 continue
-            table = curves(metrics, column, confidence)
+            logged = metrics[np.isfinite(as_float(metrics[column]))]
+            table = curves(logged, column, confidence)
             palette = colors(table["method"].astype(str))
             for method, rows in table.groupby("method", sort=True):
                 color = palette[str(method)]
-                ax.plot(rows["step"], rows["mean"], color=color, label=str(method))
+                # A lone step is a point; a line needs two.
+                marker = "o" if len(rows) == 1 else None
+                ax.plot(rows["step"], rows["mean"], color=color, marker=marker, label=str(method))
                 if (rows["n_seeds"] > 1).any():
                     ax.fill_between(
                         rows["step"].to_numpy(dtype=float),
@@ -95,6 +105,7 @@ def training_curves(
                         alpha=0.2,
                         lw=0,
                     )
+            integer_ticks(ax)
             ax.legend(frameon=False, fontsize="small")
     return fig
 
@@ -254,4 +265,65 @@ def steer_weight_distribution(records: pd.DataFrame, bins: int = 40) -> Figure:
                     label=method,
                 )
         ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
+def entropy_by_position(records: pd.DataFrame, column: str = "entropy_before") -> Figure:
+    """Heatmap of the mean token entropy at each sequence position (rows) and traced step (columns).
+
+    Args:
+        records: trace records (``step``, ``position``, ``column``); several runs (``method`` or
+            ``run`` columns) get one panel each, on one shared colour scale.
+        column: the entropy column (``entropy_before`` or ``entropy_after``).
+
+    Returns:
+        A Figure with one axes per run plus a colour-bar axes (one "no data" axes without one
+        when nothing is finite).
+    """
+    needed = {"step", "position", column}
+    usable = needed <= set(records.columns) and len(finite_values(records[column])) > 0
+    position_label = axis_label("position in the sequence", "token index", TOKEN)
+    with styled():
+        if not usable:
+            fig, (ax,) = new_figure(1, panel_size=(4.2, 3.0))
+            ax.set_xlabel(STEP_LABEL)
+            ax.set_ylabel(position_label)
+            no_data(ax)
+            return fig
+        labels = series_labels(records)
+        runs = sorted(set(labels))
+        frame = pd.DataFrame(
+            {
+                "run": labels,
+                "step": records["step"].to_numpy(),
+                "position": records["position"].to_numpy(),
+                "value": as_float(records[column]),
+            }
+        )
+        grids = {
+            run: rows.pivot_table(index="position", columns="step", values="value", aggfunc="mean")
+            for run, rows in frame.groupby("run", sort=True)
+        }
+        vmax = max(float(np.nanmax(g.to_numpy())) for g in grids.values())
+        fig, axes = new_figure(len(runs), panel_size=(4.2, 3.2))
+        image = None
+        for ax, run in zip(axes, runs, strict=True):
+            grid = grids[run]  # (positions, steps)
+            steps, positions = grid.columns.to_numpy(), grid.index.to_numpy()
+            image = ax.imshow(
+                grid.to_numpy(dtype=float), aspect="auto", origin="lower", cmap="viridis",
+                vmin=0.0, vmax=vmax or 1.0, interpolation="nearest",
+                extent=(-0.5, len(steps) - 0.5, positions.min() - 0.5, positions.max() + 0.5),
+            )  # fmt: skip
+            ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
+            ax.set_xticks(ticks, [str(int(steps[i])) for i in ticks])
+            integer_ticks(ax, "y")
+            ax.grid(False)
+            ax.set_xlabel(axis_label("traced step", "step number", BATCH))
+            ax.set_ylabel(position_label)
+            if len(runs) > 1:
+                ax.set_title(run)
+        assert image is not None  # at least one run
+        bar = fig.colorbar(image, ax=axes, shrink=0.9)
+        bar.set_label(axis_label(f"mean {column.replace('_', ' ')}", "nats", TOKEN))
     return fig

@@ -8,7 +8,8 @@ modules: ``load`` (reading runs), ``entries`` (the registered analyses: table, f
 and section each), ``markdown`` and ``json_tables`` (output formats), and
 ``entropy_lab.formatting`` (numbers).
 
-- ``run_report``: one run -> ``<run>/figures/*``, ``<run>/report.md`` and ``<run>/report.json``.
+- ``run_report``: one run -> ``<run>/figures/*``, ``<run>/report.md``, ``<run>/report.json`` and
+  ``<run>/report.html`` (self-contained: tables, figures and every traced token, ``report.html``).
 - ``compare_report``: several methods (one run directory per seed) -> a comparison
   table, curves, entropy-change spreads and tightness per method in ``out_dir``, as
   ``report.md`` and ``report.json``.
@@ -51,10 +52,12 @@ from entropy_lab.report.entries import (
     weights_vary,
     write_trace_figures,
 )
+from entropy_lab.report.html import HTML_NAME, write_html_report
 from entropy_lab.report.json_tables import json_value, report_json
 from entropy_lab.report.load import collect, config_record, load_run_records, read_tables
 from entropy_lab.report.markdown import figure_links, markdown_table
 from entropy_lab.run_files import FIGURE_SUFFIXES, check_real_dir, check_replaceable, record_written
+from entropy_lab.report.tokens import TokenText, find_tokenizer
 from entropy_lab.runs import RunDir, write_text_atomic
 
 __all__ = [
@@ -144,7 +147,7 @@ def check_outputs(out_dir: Path) -> None:
     check_real_dir(figures_dir, out_dir)
     stems = ["training_curves", "pass_at_k", *figure_stems()]
     check_replaceable(
-        [out_dir / REPORT_NAME, out_dir / REPORT_JSON_NAME]
+        [out_dir / REPORT_NAME, out_dir / REPORT_JSON_NAME, out_dir / HTML_NAME]
         + [figures_dir / f"{stem}{suffix}" for stem in dict.fromkeys(stems) for suffix in FIGURE_SUFFIXES],
         what="choose another output directory",
     )
@@ -163,6 +166,11 @@ def _summary(metrics: pd.DataFrame, evals: pd.DataFrame, method: str, seed: int)
     )
     table = analyses.run_summary(labelled, labelled_evals)
     return {k: json_value(v) for k, v in table.iloc[0].items()}
+
+
+def _named(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """``frame`` with its ``method`` column set to ``label`` (empty frames stay as they are)."""
+    return frame.assign(method=label) if len(frame) else frame
 
 
 def _config_line(config: Mapping[str, Any]) -> str:
@@ -217,6 +225,8 @@ def run_markdown(
 ) -> str:
     """The text of one run's ``report.md`` (see ``run_report``)."""
     lines = [f"# entropy-lab report: {name}", "", _config_line(config), ""]
+    if records is not None:
+        lines += [f"Every traced token, coloured by its entropy change: [{HTML_NAME}]({HTML_NAME}).", ""]
     lines += _training_section(summary, links)
     if records is None:
         lines += [
@@ -236,12 +246,15 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
 
     Loads the traces (when there are any), metrics and evaluations; writes the figures into
     ``run.figures_dir``, the markdown into ``run.report_path`` and, next to it, the same
-    tables as ``report.json`` (``write_report_json``, scope ``"run"``, with the summary). A
-    run without traces gets a metrics-only report.
+    tables as ``report.json`` (``write_report_json``, scope ``"run"``, with the summary) and
+    the page ``report.html`` (``report.html``: tables, figures, every traced token with its
+    text decoded by the run's own tokenizer when it holds one). A run without traces gets a
+    metrics-only report.
 
     Returns:
         ``{"tables": {name: DataFrame} (empty without traces), "figures": [paths],
-        "report": path of report.md, "json": path of report.json, "summary": dict}`` - the
+        "report": path of report.md, "json": path of report.json, "html": path of report.html,
+        "summary": dict}`` - the
         summary holds ``run``, the ``analyses.run_summary`` statistics (NaN -> None),
         ``trace_tokens``, ``trace_steps`` and ``noise_floor`` (None without traces).
     """
@@ -250,7 +263,9 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
     metrics, evals = read_tables(run)
     records = load_run_records(run) if run.trace_files() else None
     tables = trace_tables(records, estimator) if records is not None else {}
-    written = write_training_figures(metrics, evals, run.figures_dir)
+    # Curves carry the run's name, as the trace figures' series do (``figures.style.series_labels``).
+    label = f"{config.get('method', 'unknown')} / {run.path.name}"
+    written = write_training_figures(_named(metrics, label), _named(evals, label), run.figures_dir)
     if records is not None:
         written += write_trace_figures(records, tables, run.figures_dir)
     summary = {
@@ -266,11 +281,22 @@ def run_report(run: RunDir, estimator: str = "softmax") -> dict:
     json_path = write_report_json(
         run.path / REPORT_JSON_NAME, run.path.name, "run", key_facts(config), tables, summary=summary
     )
+    html_path = write_html_report(
+        run.path / HTML_NAME,
+        f"entropy-lab report: {run.path.name}",
+        _config_line(config).replace("`", ""),
+        records,
+        TokenText(find_tokenizer(run, config), base=run.path.parent),
+        written,
+        tables,
+    )
+    record_written([html_path])
     return {
         "tables": tables,
         "figures": written,
         "report": run.report_path,
         "json": json_path,
+        "html": html_path,
         "summary": summary,
     }
 

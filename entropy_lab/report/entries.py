@@ -320,6 +320,21 @@ register_report_entry(
 )
 register_report_entry(
     ReportEntry(
+        "entropy_by_position",
+        figure=FigureSpec(
+            "entropy_by_position", lambda records, tables: figures.entropy_by_position(records)
+        ),
+        section=Section(
+            "Entropy by position and step",
+            "Mean token entropy before each traced update at each sequence position, averaged over the "
+            "step's traced responses (columns: the traced steps in order). report.html shows every "
+            "token of every traced response.",
+            figures=("entropy_by_position",),
+        ),
+    )
+)
+register_report_entry(
+    ReportEntry(
         "linear_regime",
         table=lambda records, estimator: (
             analyses.regime_tightness(records) if analyses.has_sweep(records) else None
@@ -394,8 +409,9 @@ def write_trace_figures(records: pd.DataFrame, tables: Tables, out_dir: Path) ->
     """Write every registered figure of trace records and their ``trace_tables`` as PNG and PDF.
 
     Built-in stems: ``measured_vs_predicted``, ``tightness_over_steps``, ``residuals_by_factor``,
-    ``quadrants``, ``decomposition``, ``entropy_change_distribution`` and, only when the
-    intervention weight varies, ``steer_weights``; with an eta sweep, ``linear_regime``.
+    ``quadrants``, ``decomposition``, ``entropy_change_distribution``, only when the
+    intervention weight varies ``steer_weights``, ``entropy_by_position``; with an eta sweep,
+    ``linear_regime``.
     Returns the written paths.
     """
     written: list[Path] = []

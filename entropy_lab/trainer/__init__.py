@@ -6,6 +6,7 @@
 - ``guards``: the one-line errors of a non-finite value or a failed write.
 - ``retrace``: trace one more update from a saved checkpoint, leaving the run untouched.
 - ``learnability``: warnings for settings and runs that cannot learn.
+- ``loggers``: ``report_to`` - TensorBoard, W&B or none, a registry of experiment loggers.
 """
 
 from entropy_lab.runtime import autocast_dtype, pick_device

@@ -55,6 +55,7 @@ from entropy_lab.runtime import autocast, autocast_dtype, pick_device
 from entropy_lab.trace.tracer import EntropyTracer
 from entropy_lab.trainer import learnability, resume
 from entropy_lab.trainer.guards import sampling_guard, write_guard
+from entropy_lab.trainer.loggers import with_loggers
 from entropy_lab.trainer.resume import RandomStreams, TrainerState
 from entropy_lab.trainer.update import Updater, batch_metrics, make_batch
 
@@ -76,7 +77,8 @@ class Trainer:
         self.cfg = validate_config(cfg)  # the whole configuration, once, before anything is loaded
         self.run = RunDir(Path(out))
         self.lock = RunLock(self.run.path, warn=self._warn)
-        self.callback = callback or (lambda event, info: None)
+        # report_to: TensorBoard / W&B see every step's metrics (an unknown or missing logger fails here).
+        self.callback = with_loggers(callback or (lambda event, info: None), self.cfg, self.run)
         self.device = pick_device(cfg.device)
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.resume, self.overwrite = resume, overwrite

@@ -120,10 +120,14 @@ class Usable:
     weights: dict[str, torch.Tensor]  # the model's state_dict
 
 
+FREE_ON_RESUME = ("steps", "report_to")
+"""Settings a resumed run may change: a longer budget, and where its metrics are also logged."""
+
+
 def check_resumable(run: RunDir, cfg: TrainConfig) -> None:
     """Before anything is loaded: the run's configuration must be this one (a longer budget extends it)."""
     saved = run.train_config().to_dict()
-    diff = sorted(k for k, v in cfg.to_dict().items() if k != "steps" and saved.get(k) != v)
+    diff = sorted(k for k, v in cfg.to_dict().items() if k not in FREE_ON_RESUME and saved.get(k) != v)
     if diff:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {cfg.to_dict()[k]!r})" for k in diff[:4])
         raise EntropyLabError(

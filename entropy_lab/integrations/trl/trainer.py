@@ -15,6 +15,9 @@ What it does:
   multiplier, the ``loss_type``'s normaliser, see ``losses`` and ``annotate``), so ``weight`` and the closed
   forms mean what they mean in the bundled trainer. Each rank traces its own rows; rank 0
   writes the union with a ``rank`` column to ``traces/step_XXXXXX.parquet``.
+- **Logging.** With ``args.report_to`` (tensorboard, wandb, ...), each traced step's per-estimator
+  Pearson, sign agreement and gain and its measured sum of dH are logged through TRL's own
+  integrations next to TRL's metrics (``trace_log``).
 - **Run directory.** ``config.json`` (the resolved TrainConfig, TRL's arguments and versions) and
   ``metrics.parquet`` (TRL's logged metrics plus ``entropy/mean`` and ``reward/mean``), so
   ``entropy-lab trace --run``, ``figures`` and ``compare`` read it like a bundled run.
@@ -66,6 +69,7 @@ from entropy_lab.integrations.trl.losses import get_loss_type
 from entropy_lab.integrations.trl.methods import TrlSettings, base_config, resolve_trl_method
 from entropy_lab.integrations.trl.project_loss import batch_context, project_loss, select_over_step
 from entropy_lab.integrations.trl.run import TrlRunWriter, check_run_dir
+from entropy_lab.integrations.trl.trace_log import TraceLogCallback
 from entropy_lab.integrations.trl.window import TemperedLM, TracedStepBatch
 from entropy_lab.objectives.cov_select import uses_global_selection
 from entropy_lab.trace.tracer import EntropyTracer
@@ -156,6 +160,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         self.add_callback(_CloseWindow(self))
         if self._trace_every > 0:
             logger.info(NO_LOGIT_GRAD)
+        self.add_callback(TraceLogCallback(self))  # a traced step's tightness, through args.report_to
 
     # --- schedule -----------------------------------------------------------------------------
     def _traced(self, step: int) -> bool:

@@ -186,3 +186,70 @@ def test_save_figure_writes_png_and_pdf(tmp_path, records):
     assert paths[0].read_bytes()[:4] == b"\x89PNG" and paths[1].read_bytes()[:4] == b"%PDF"
     again = save_figure(decomposition_bar(decomposition_summary(records, base="softmax")), tmp_path / "d.png")
     assert [p.name for p in again] == ["d.png", "d.pdf"]
+
+
+def test_tightness_over_steps_marks_a_step_without_a_statistic(records):
+    # Step 1 of grpo: every advantage 0, so every estimator predicts 0 and no statistic exists.
+    zeroed = records[records["method"] == "grpo"].copy()
+    omegas = [c for c in zeroed.columns if c.startswith("omega_")]
+    zeroed.loc[zeroed["step"] == 1, omegas] = 0.0
+    table = tightness(zeroed)
+    assert table.loc[table["step"] == 1, "pearson"].isna().all()
+    fig = tightness_over_steps(table)
+    for ax in fig.axes:
+        curves = [line for line in ax.lines if line.get_linestyle() == "-"]
+        # one line per estimator with a value (logit-grad is all-NaN in these records) ...
+        assert len(curves) == table.dropna(subset=["pearson"])["estimator"].nunique() == 4
+        for line in curves:
+            assert list(line.get_xdata()) == [0.0, 2.0]  # ... joining the steps that have a value
+            assert line.get_marker() == "."
+        marks = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert [list(line.get_xdata()) for line in marks] == [[1.0, 1.0]]  # step 1 is marked, not dropped
+        assert all(tick == int(tick) for tick in ax.get_xticks())
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("no statistic" in text for text in legend)
+    for handle in fig.legends[0].legend_handles:  # the legend shows lines, the panels draw lines
+        assert handle.get_linestyle() in ("-", "--")
+
+
+def test_training_curves_drop_rows_without_the_metric(metrics):
+    one = metrics[(metrics["method"] == "grpo") & (metrics["seed"] == 0)].copy()
+    one.loc[one["step"] % 2 == 1, "reward/mean"] = np.nan  # logged on every other row only
+    fig = training_curves(one.drop(columns=["seed"]).assign(method="grpo / run-a"))
+    entropy_line, reward_line = (ax.lines[0] for ax in fig.axes)
+    assert list(entropy_line.get_xdata()) == list(range(12))
+    assert list(reward_line.get_xdata()) == list(range(0, 12, 2))
+    assert np.isfinite(reward_line.get_ydata()).all()
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["grpo / run-a"]
+    assert all(tick == int(tick) for tick in fig.axes[1].get_xticks())
+
+
+def test_measured_vs_predicted_has_no_empty_panel(records):
+    silent = records.assign(omega_paper=0.0)  # finite but never nonzero: nothing to plot
+    fig = measured_vs_predicted(silent)
+    assert_labelled(fig, 3)
+    assert all(ax.collections for ax in fig.axes)  # every panel holds its hexbin
+    assert "paper" in fig.get_supxlabel() and not has_note(fig)
+
+
+def test_quadrant_titles_clear_of_the_colour_bar(records):
+    fig = quadrant_heatmap(quadrants(records))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bar = fig.axes[-1].get_window_extent(renderer)
+    for ax in fig.axes[:-1]:
+        title = ax.title.get_window_extent(renderer)
+        assert title.x1 <= bar.x0 and not title.overlaps(bar)
+        assert fig.bbox.contains(title.x0, title.y1) and fig.bbox.contains(title.x1, title.y1)
+
+
+def test_fit_labels_breaks_a_label_longer_than_its_axes():
+    from entropy_lab.figures.style import fit_labels, new_figure, styled
+
+    with styled():
+        fig, (ax,) = new_figure(1, panel_size=(4.0, 1.5))
+    ax.set_ylabel("a quantity with a rather long name (units of it, batch-level)")
+    ax.set_xlabel("step (count, batch-level)")
+    fit_labels(fig)
+    assert ax.get_ylabel() == "a quantity with a rather long name\n(units of it, batch-level)"
+    assert ax.get_xlabel() == "step (count, batch-level)"  # fits: unchanged

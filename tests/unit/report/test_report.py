@@ -186,7 +186,7 @@ def test_run_report_figures_exist_and_are_linked(traced_report):
     stems = {p.stem for p in result["figures"]}
     expected = {
         "training_curves", "pass_at_k", "measured_vs_predicted", "residuals_by_factor", "quadrants",
-        "decomposition", "tightness_over_steps", "entropy_change_distribution",
+        "decomposition", "tightness_over_steps", "entropy_change_distribution", "entropy_by_position",
     }  # fmt: skip
     assert expected <= stems
     assert "steer_weights" not in stems  # grpo: intervention weight constant
@@ -195,6 +195,15 @@ def test_run_report_figures_exist_and_are_linked(traced_report):
     for stem in expected:
         assert f"(figures/{stem}.png)" in text
         assert (run.figures_dir / f"{stem}.pdf").is_file()
+
+
+def test_run_report_writes_the_html_page_next_to_report_md(traced_report):
+    run, result = traced_report
+    assert result["html"] == run.path / "report.html"
+    page = result["html"].read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == len([p for p in result["figures"] if p.suffix == ".png"])
+    assert '<script type="application/json" id="token-data">' in page
+    assert "(report.html)" in run.report_path.read_text()
 
 
 def test_report_json_is_plain_json(traced_report):
