@@ -107,6 +107,11 @@ def tangent_of(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(primal) if tangent is None else tangent
 
 
+def primal_of(x: torch.Tensor) -> torch.Tensor:
+    """The primal (value) of a tensor computed inside ``tangent_parameters``."""
+    return fwAD.unpack_dual(x)[0]
+
+
 def jvp_logits(model: nn.Module, update: Update, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, dz): the model's logits and their change J . dtheta under ``update``, each (B, T, V).
 

@@ -62,6 +62,7 @@ from torch import nn
 
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.trace.forward import accepts_logits_to_keep, has_active_dropout
+from entropy_lab.trace.head import HeadPath
 from entropy_lab.trace.probes import EtaSweepProbe, JvpProbe, PreStepProbe, build_probes
 from entropy_lab.trace.rows import take_rows
 from entropy_lab.trace.step import TraceStep
@@ -90,6 +91,10 @@ class EntropyTracer:
             theta + eta dtheta (``probes.EtaSweepProbe``), as numbers or as the comma-separated text
             of ``TrainConfig.trace_eta_grid``; the records gain ``regime@`` columns.
         probes: further ``PreStepProbe``s, run after the jvp and eta-sweep ones, in this order.
+        logits_from_hidden: form the traced tokens' logits from the last hidden state and the LM
+            head, chunk by chunk (``entropy_lab.trace.head``), where the model allows it; False
+            keeps the model's full logits of the traced tokens, (n, V). ``logits_path`` says
+            which one is in use, and why when it is the full logits.
 
     ``probes`` holds the pre-step probes the arguments asked for, in the order they run.
     """
@@ -107,6 +112,7 @@ class EntropyTracer:
         jvp: bool = False,
         eta_grid: Sequence[float] | str | None = None,
         probes: Sequence[PreStepProbe] = (),
+        logits_from_hidden: bool = True,
     ):
         get_emb = getattr(model, "get_output_embeddings", None)
         if get_emb is None or get_emb() is None:
@@ -129,6 +135,12 @@ class EntropyTracer:
         self.distributed = distributed
         self._open: TraceStep | None = None  # the step whose block is running, if any
         self.probes: tuple[PreStepProbe, ...] = build_probes(jvp, eta_grid, probes)
+        self.head_path = HeadPath(model, enabled=logits_from_hidden)
+
+    @property
+    def logits_path(self) -> str:
+        """How the tracer's own passes get the traced tokens' logits, and why when from full logits."""
+        return self.head_path.describe()
 
     @property
     def jvp(self) -> bool:
