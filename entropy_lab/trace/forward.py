@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.stats import TokenStats, entropy_change_stats, resolve_chunk_bytes, rows_per_chunk
+from entropy_lab.stats import (
+    DEFAULT_CHUNK_BYTES,
+    TokenStats,
+    entropy_change_stats,
+    rows_per_chunk,
+)
 from entropy_lab.trace.distributed import DistInfo
 from entropy_lab.trace.head import HeadPath, tapped
 from entropy_lab.trace.rows import TracedTokens, take_rows
@@ -150,12 +155,14 @@ class OwnForward:
         self, token_mask: torch.Tensor, chunk_bytes: int | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (token_idx (c,), logits (c, V)), chunks of one fp32 (c, V) within ``chunk_bytes``
-        (None: the device default, ``entropy_lab.stats.resolve_chunk_bytes``).
+        (None: ``entropy_lab.stats.DEFAULT_CHUNK_BYTES``, 32 MiB).
 
         On the hidden path each chunk is the head applied to (c, d) hidden states; otherwise
         it is read from the forward's logits (a view where the tokens are consecutive).
         """
-        limit = resolve_chunk_bytes(chunk_bytes, self.tokens.device)
+        # The head's matmul wants larger chunks than the statistics' cache-sized ones (which the
+        # statistics still use inside each chunk): without a setting, the GPU default on any device.
+        limit = chunk_bytes if chunk_bytes is not None else DEFAULT_CHUNK_BYTES
         for block in self.traced_blocks(token_mask):
             vocab = block.logits.shape[-1] if block.logits is not None else self._head_rows()
             rows = rows_per_chunk(vocab, limit)

@@ -99,16 +99,40 @@ class PreStepProbe(Protocol):
 
 @dataclass(frozen=True)
 class JvpProbe:
-    """The ``jvp`` and ``jvp_entropy`` token inputs: J . dtheta at the traced tokens, one forward-mode pass."""
+    """The ``jvp`` and ``jvp_entropy`` token inputs: J . dtheta at the traced tokens, one forward-mode pass.
+
+    ``positions``: run the pass on at most this many traced tokens, sampled uniformly (seeded by
+    ``seed`` and the number of traced tokens); the others get NaN. None: every traced token.
+    """
+
+    positions: int | None = None
+    seed: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            "JvpProbe()"
+            if self.positions is None
+            else f"JvpProbe(positions={self.positions}, seed={self.seed})"
+        )
+
+    def sample(self, pre: PreStep) -> torch.Tensor:
+        """(n,) bool: the traced tokens the pass covers."""
+        mask = pre.every_token()
+        if self.positions is None or self.positions >= pre.n:
+            return mask
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + pre.n)
+        mask[:] = False
+        mask[torch.randperm(pre.n, generator=gen)[: self.positions].to(mask.device)] = True
+        return mask
 
     def __call__(self, pre: PreStep) -> ProbeResult:
         dev = pre.stats.entropy.device
-        linear = torch.empty(pre.n, dtype=torch.float64, device=dev)  # (n,)
-        change = torch.empty(pre.n, dtype=torch.float64, device=dev)  # (n,)
+        linear = torch.full((pre.n,), float("nan"), dtype=torch.float64, device=dev)  # (n,)
+        change = torch.full((pre.n,), float("nan"), dtype=torch.float64, device=dev)  # (n,)
         update = predict_update(pre.optimizer)
         with tangent_parameters(pre.model, update):
             # On the hidden path the head runs per chunk, so no (rows, T, V) tangent exists at once.
-            for idx, z in pre.forward.traced_logit_chunks(pre.every_token(), pre.chunk_bytes):
+            for idx, z in pre.forward.traced_logit_chunks(self.sample(pre), pre.chunk_bytes):
                 dz = tangent_of(z)  # (c, V) J . dtheta at these traced tokens
                 # The primal is the pre-update logits, computed in the same pass: no re-read.
                 lin, ch = jvp_estimates(primal_of(z), dz, chunk_bytes=pre.chunk_bytes)
@@ -176,11 +200,19 @@ class EtaSweepProbe:
 
 
 def build_probes(
-    jvp: bool, eta_grid: Sequence[float] | str | None, extra: Sequence[PreStepProbe] = ()
+    jvp: bool,
+    eta_grid: Sequence[float] | str | None,
+    extra: Sequence[PreStepProbe] = (),
+    jvp_positions: int | None = None,
+    seed: int = 0,
 ) -> tuple[PreStepProbe, ...]:
     """A tracer's probes in the order they run: the jvp probe, the eta sweep, then ``extra``."""
     etas = parse_eta_grid(eta_grid)
-    return (*((JvpProbe(),) if jvp else ()), *((EtaSweepProbe(etas),) if etas else ()), *extra)
+    return (
+        *((JvpProbe(jvp_positions, seed),) if jvp else ()),
+        *((EtaSweepProbe(etas),) if etas else ()),
+        *extra,
+    )
 
 
 def run_probes(probes: Sequence[PreStepProbe], pre: PreStep) -> ProbeResult:

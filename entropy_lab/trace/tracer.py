@@ -87,6 +87,8 @@ class EntropyTracer:
             None detects it (an initialised process group of more than one rank), True requires it.
         jvp: also record the ``jvp`` and ``jvp-entropy`` estimators (``probes.JvpProbe``): one
             forward-mode pass over the traced rows at the optimizer pre-step hook.
+        jvp_positions: with ``jvp``, run the forward-mode pass on at most this many traced tokens,
+            sampled uniformly with ``seed`` (None: all); the others' jvp estimators are NaN.
         eta_grid: multiples eta of the step at which to also measure the traced tokens' entropy,
             theta + eta dtheta (``probes.EtaSweepProbe``), as numbers or as the comma-separated text
             of ``TrainConfig.trace_eta_grid``; the records gain ``regime@`` columns.
@@ -110,6 +112,7 @@ class EntropyTracer:
         config: dict | None = None,
         distributed: bool | None = None,
         jvp: bool = False,
+        jvp_positions: int | None = None,
         eta_grid: Sequence[float] | str | None = None,
         probes: Sequence[PreStepProbe] = (),
         logits_from_hidden: bool = True,
@@ -134,7 +137,17 @@ class EntropyTracer:
         self.config = dict(config or {})
         self.distributed = distributed
         self._open: TraceStep | None = None  # the step whose block is running, if any
-        self.probes: tuple[PreStepProbe, ...] = build_probes(jvp, eta_grid, probes)
+        if jvp_positions is not None and (
+            isinstance(jvp_positions, bool) or not isinstance(jvp_positions, int) or jvp_positions < 1
+        ):
+            raise EntropyLabError(
+                f"jvp_positions must be a count >= 1 or None (all tokens), got {jvp_positions!r}"
+            )
+        if jvp_positions is not None and not jvp:
+            raise EntropyLabError(
+                "jvp_positions samples the jvp pass: give jvp=True too, or drop jvp_positions"
+            )
+        self.probes: tuple[PreStepProbe, ...] = build_probes(jvp, eta_grid, probes, jvp_positions, seed)
         self.head_path = HeadPath(model, enabled=logits_from_hidden)
 
     @property

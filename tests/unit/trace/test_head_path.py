@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
-from entropy_lab.errors import EntropyLabWarning
+from entropy_lab.errors import EntropyLabError, EntropyLabWarning
 from entropy_lab.stats import gather_logprobs
 from entropy_lab.trace import EntropyTracer
 from entropy_lab.trace.head import HIDDEN_PATH, split_head
@@ -191,3 +192,38 @@ def test_a_logit_transform_after_the_head_is_caught_and_falls_back():
     assert any(issubclass(w.category, EntropyLabWarning) and "full logits" in str(w.message) for w in caught)
     assert "differ from its LM head" in tracer.logits_path
     check_exact(step, before, after)
+
+
+def test_jvp_positions_runs_the_pass_on_a_sample_with_the_full_pass_values():
+    model = qwen2(tied=True)
+    twin = copy.deepcopy(model)
+    _, full, _, _ = traced_step(model, jvp=True)
+    _, sampled, _, _ = traced_step(twin, jvp=True, jvp_positions=7, seed=3)
+    got, ref = sampled.records["omega_jvp"].to_numpy(), full.records["omega_jvp"].to_numpy()
+    kept = ~np.isnan(got)
+    assert kept.sum() == 7 and np.isnan(sampled.records["omega_jvp_entropy"].to_numpy()).sum() == len(got) - 7
+    np.testing.assert_allclose(got[kept], ref[kept], rtol=1e-5, atol=1e-9)
+    assert abs(ref[kept]).max() > 0  # the compared values are not all zero
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"jvp": True, "jvp_positions": 0}, "jvp_positions must be a count >= 1"),
+        ({"jvp": True, "jvp_positions": 2.5}, "jvp_positions must be a count >= 1"),
+        ({"jvp_positions": 4}, "give jvp=True too"),
+    ],
+)
+def test_bad_jvp_positions_is_one_clear_error(kw, match):
+    with pytest.raises(EntropyLabError, match=match):
+        EntropyTracer(qwen2(tied=False), **kw)
+
+
+def test_trace_jvp_positions_is_validated_in_the_config():
+    from entropy_lab.config import TrainConfig
+
+    with pytest.raises(EntropyLabError, match="trace_jvp_positions"):
+        TrainConfig(trace_jvp_positions=-1).validate()
+    with pytest.raises(EntropyLabError, match="add --set trace_jvp=true"):
+        TrainConfig(trace_jvp_positions=8).validate()
+    assert TrainConfig(trace_jvp=True, trace_jvp_positions=8).validate().trace_jvp_positions == 8
