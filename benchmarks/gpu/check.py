@@ -5,7 +5,8 @@ Run through ``bash benchmarks/gpu/run.sh`` (which installs what is missing first
     python benchmarks/gpu/check.py --out gpu-results            # on a GPU: the real shapes
     python benchmarks/gpu/check.py --out /tmp/x --dry-run       # CPU, tiny shapes, same code paths
 
-Parts (``PARTS``, in order), each with a time budget (``--budget``, seconds; SIGALRM stops it):
+Parts (``PARTS``, in order), each with a time budget (``BUDGETS``, or ``--budget`` seconds for
+every part; SIGALRM stops a part past it):
 
 - ``env``: torch, transformers, the device.
 - ``trace_smollm2``: SmolLM2-135M-Instruct (``entropy_lab.model_sources`` name
@@ -47,6 +48,9 @@ sys.path.insert(0, str(HERE.parent))  # the benchmark scripts' shared modules
 sys.path.insert(1, str(HERE.parent.parent))  # the project, when it is not installed
 
 PartFn = Callable[[argparse.Namespace], dict]
+BUDGETS = {"env": 15, "trace_smollm2": 150, "trace_qwen2_0p5b": 90, "token_stats": 45, "jvp": 90, "trl": 90}
+"""Seconds per part on a GPU: 480 in all, the 8 minutes of the check (SmolLM2's first load converts it)."""
+DRY_BUDGET = 60.0  # seconds per part in the dry run
 PARTS: dict[str, PartFn] = {}
 
 
@@ -79,6 +83,13 @@ def time_budget(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def budget_of(args, name: str) -> float:
+    """``--budget`` if given, else the part's entry of ``BUDGETS`` (``DRY_BUDGET`` in the dry run)."""
+    if args.budget:
+        return float(args.budget)
+    return DRY_BUDGET if args.dry_run else float(BUDGETS.get(name, 60))
 
 
 def device(args) -> torch.device:
@@ -332,12 +343,21 @@ def trl_part(args) -> dict:
     except ImportError:
         return {"skipped": "TRL is not installed (pip install 'entropy-lab[trl]')"}
     bench = HERE.parent / "bench_trl_trace.py"
-    if bench.exists():  # the TRL benchmark prints the traced / untraced step ratio
+    if bench.exists() and not args.dry_run:  # the TRL benchmark prints the traced / untraced step ratio
         import subprocess
 
-        cmd = [sys.executable, str(bench), *(["--dry-run"] if args.dry_run else [])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.budget)
-        return {"command": cmd, "exit": proc.returncode, "output_tail": (proc.stdout + proc.stderr)[-4000:]}
+        cmd = [sys.executable, str(bench)]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=budget_of(args, "trl") / 2
+        )
+        bench_out = {
+            "command": cmd,
+            "exit": proc.returncode,
+            "output_tail": (proc.stdout + proc.stderr)[-4000:],
+        }
+        if proc.returncode == 0:
+            return bench_out
+        return {"bench_trl_trace": bench_out, **trl_steps(args)}
     return trl_steps(args)
 
 
@@ -406,10 +426,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the same code paths in seconds")
-    ap.add_argument("--budget", type=float, default=None, help="seconds per part (default 100, dry run 60)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for every part (default: BUDGETS)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = ap.parse_args(argv)
-    args.budget = args.budget or (60.0 if args.dry_run else 100.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}}
@@ -421,7 +440,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         print(f"[gpu-check] {name} ...", flush=True)
         try:
-            with time_budget(args.budget):
+            with time_budget(budget_of(args, name)):
                 res = PARTS[name](args)
             res = {"status": "skipped" if "skipped" in res else "ok", **res}
         except BaseException as exc:  # one part's failure (or its budget) must not lose the others

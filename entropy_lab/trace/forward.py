@@ -1,10 +1,13 @@
 """The tracer's own no-grad forwards over traced rows, and the post-update pass built on them.
 
-``OwnForward`` runs the model over the batch rows that hold traced tokens and yields
-their logits at exactly those tokens (HF's ``logits_to_keep`` spares the LM head the
-other positions). It fills pre-update logits the training loop never produced, and
-after the step ``post_update_pass`` gives ``entropy_after`` and ``delta_logit_linear``
-from one more such forward: the floor of exact tracing.
+``OwnForward`` runs the model over the batch rows that hold traced tokens and yields the
+logits at exactly those tokens. On the hidden-state path (``entropy_lab.trace.head``) the
+model computes its LM head at one position only (``logits_to_keep=1``) while a hook keeps
+its body's last hidden state, and the tokens' logits are formed from it chunk by chunk
+(``traced_logit_chunks``); otherwise HF's ``logits_to_keep`` spares the LM head the
+positions no traced token needs. It fills pre-update logits the training loop never
+produced, and after the step ``post_update_pass`` gives ``entropy_after`` and
+``delta_logit_linear`` from one more such forward: the floor of exact tracing.
 """
 
 from __future__ import annotations

@@ -31,9 +31,11 @@ How it measures, and what it costs:
 - After the step, one no-grad forward over the traced rows gives ``entropy_after`` and
   ``delta_logit_linear``. That forward is the floor of exact tracing.
 
-Memory: the pre-update logits of traced tokens, (n_traced, V) in the logits' dtype.
-Bound it with ``max_positions`` (a count or a fraction of response tokens, sampled
-uniformly; exact on the sampled ones).
+Memory: for a model whose logits are its LM head's output (``entropy_lab.trace.head``), the
+traced tokens' last hidden states (n_traced, d), a copy of the head taken before the optimizer
+moves it, and (chunk, V) temporaries: never (B, T, V) logits. Otherwise the pre-update logits
+of traced tokens, (n_traced, V) in the logits' dtype. Bound either with ``max_positions`` (a
+count or a fraction of response tokens, sampled uniformly; exact on the sampled ones).
 
 Conventions: every per-token tensor passed in is (B, T), aligned with ``input_ids``;
 ``response_mask[b, t] = 1`` marks token t of row b as a response token, predicted by
