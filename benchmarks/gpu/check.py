@@ -11,7 +11,8 @@ every part; SIGALRM stops a part past it):
 - ``env``: torch, transformers, the device.
 - ``trace_smollm2``: SmolLM2-135M-Instruct (``entropy_lab.model_sources`` name
   ``smollm2-135m-instruct``) traced under bf16 autocast: untraced and traced step time and
-  peak memory, and the records' entropies against an fp32 recomputation from full logits.
+  peak memory (the traced step on the hidden-state path and on the full-logits path), and the
+  records' entropies against an fp32 recomputation from full logits.
 - ``trace_qwen2_0p5b``: the same for a Qwen2.5-0.5B-shaped model built from a config (vocabulary
   151,936, tied embeddings, random init).
 - ``token_stats``: ``entropy_lab.stats.token_stats`` at (8192, 151936) against the naive
@@ -195,6 +196,14 @@ def trace_model(model, args, *, B: int, T: int, R: int, lr: float = 1e-5) -> dic
 
     timed = measured(traced, dev)
     h_after = fp32_entropy(model, batch)
+    full = EntropyTracer(model, logits_from_hidden=False)  # the full-logits path, for its memory
+
+    def traced_full() -> None:
+        with full.step(ids, attn, resp, advantages=adv, optimizer=opt):
+            train_step(model, opt, batch, bf16)
+
+    traced_full()  # warm-up
+    timed_full = measured(traced_full, dev)
     df = box["records"]
     got_b = torch.tensor(df["entropy_before"].to_numpy(), dtype=torch.float64, device=h_before.device)
     got_a = torch.tensor(df["entropy_after"].to_numpy(), dtype=torch.float64, device=h_before.device)
@@ -206,7 +215,9 @@ def trace_model(model, args, *, B: int, T: int, R: int, lr: float = 1e-5) -> dic
         "logits_path": tracer.logits_path,
         "untraced": untraced,
         "traced": timed,
+        "traced_full_logits": timed_full,
         "traced_over_untraced_time": timed["seconds"] / untraced["seconds"],
+        "traced_full_logits_over_untraced_time": timed_full["seconds"] / untraced["seconds"],
         "fp32_logits_of_batch_bytes": B * T * int(vocab) * 4,
         "error_vs_fp32": {
             "entropy_before": error_stats(got_b, h_before),

@@ -117,6 +117,17 @@ class TraceStep:
         )
 
     @property
+    def logits_path(self) -> str:
+        """How this step's own passes get the traced tokens' logits (the tracer's choice, or full
+        logits where this step cannot take the hidden-state path)."""
+        if self.forward.hidden:
+            return self.tracer.head_path.describe()
+        if self.tracer.head_path.active:
+            why = "torch.distributed" if self.dist is not None else "the model takes no logits_to_keep"
+            return f"full logits ({why})"
+        return self.tracer.head_path.describe()
+
+    @property
     def pre_stats(self) -> TokenStats:
         """Pre-update entropy, log-prob and collision of the traced tokens, (n,) each.
 

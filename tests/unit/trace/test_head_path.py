@@ -119,7 +119,7 @@ def check_exact(step, before, after):
 def test_hidden_path_records_equal_a_float64_recomputation(family, tied):
     model = family(tied)
     tracer, step, before, after = traced_step(model)
-    assert tracer.logits_path == HIDDEN_PATH
+    assert tracer.logits_path == HIDDEN_PATH == step.logits_path
     # No (n, V) copy of the logits is kept: the hidden states (n, d) stand in for them.
     assert step.capture.z_before is None
     assert step.capture.h_before is not None and step.capture.h_before.shape == (step.n, 32)
