@@ -180,6 +180,9 @@ class HeadPath:
         """Compare ``head(h)`` (k, d) with the model's ``logits`` (k, V) once; False turns the path off."""
         if self.split is None:
             return False
+        if h.shape[-1] != self.split.head.in_features:  # the body's output is not the head's input
+            self.split, self.reason = None, f"its body's output has width {h.shape[-1]}, not the head's input"
+            return False
         if self.checked:
             return True
         self.checked = True

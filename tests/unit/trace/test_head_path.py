@@ -227,3 +227,21 @@ def test_trace_jvp_positions_is_validated_in_the_config():
     with pytest.raises(EntropyLabError, match="add --set trace_jvp=true"):
         TrainConfig(trace_jvp_positions=8).validate()
     assert TrainConfig(trace_jvp=True, trace_jvp_positions=8).validate().trace_jvp_positions == 8
+
+
+def test_a_body_whose_output_is_not_the_heads_input_falls_back():
+    model = qwen2(tied=False)
+    tracer = EntropyTracer(model)
+    assert tracer.head_path.split is not None
+    # The tap now sees (B, T, V) tensors: the width check turns the path off instead of failing.
+    h = torch.zeros(2, 3, V)
+    assert not tracer.head_path.check(h[0], torch.zeros(3, V))
+    assert "width 96" in tracer.logits_path
+    ids, attn, resp, adv = batch()
+    before = naive(model, ids, attn, resp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with tracer.step(ids, attn, resp, advantages=adv, optimizer=opt) as step:
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        (-(gather_logprobs(logits[:, :-1], ids[:, 1:]) * adv[:, None]).mean()).backward()
+        opt.step()
+    check_exact(step, before, naive(model, ids, attn, resp))
