@@ -27,7 +27,6 @@ Measurements:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import json
 import os
@@ -39,6 +38,7 @@ import time
 
 import torch
 from common import add_timing_args, pick_device
+from memory import proc_status_kib, release_free_heap, reset_peak_rss
 
 from entropy_lab.stats import token_stats
 
@@ -124,45 +124,17 @@ def time_variants(specs: list[dict], logits, targets, repeats: int, warmup: int,
 # --- peak memory --------------------------------------------------------------------------
 
 
-def _proc_status_kib(key: str) -> int:
-    """A field of /proc/self/status in KiB, e.g. VmRSS (resident now) or VmHWM (peak resident)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc malloc_trim), so a small peak is not hidden by
-    pages that are resident but free; a no-op where glibc is absent."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child_measure_rss(spec: dict, T: int, V: int, dtype: str) -> dict:
     """Runs inside the fresh subprocess: one call of ``spec``, peak resident bytes beyond the inputs."""
     logits, targets = make_inputs(T, V, DTYPES[dtype], "cpu")
     run_variant(spec, logits[:2], targets[:2])  # load kernels, start thread pools
-    _release_free_heap()
-    reset = _reset_peak_rss()
-    baseline = _proc_status_kib("VmRSS")
+    release_free_heap()
+    reset = reset_peak_rss()
+    baseline = proc_status_kib("VmRSS")
     # Without a reset, an earlier peak above the baseline would hide a smaller one: report that slack.
-    slack = _proc_status_kib("VmHWM") - baseline
+    slack = proc_status_kib("VmHWM") - baseline
     out = run_variant(spec, logits, targets)
-    peak = _proc_status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     del out
     return {"peak_extra": max(0, peak - baseline) * 1024, "slack": max(0, slack) * 1024, "reset": reset}
 

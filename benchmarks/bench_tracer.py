@@ -5,6 +5,7 @@ Run::
     python benchmarks/bench_tracer.py                 # default model and batch, about a minute on 2 cores
     python benchmarks/bench_tracer.py --profile       # also cProfile one traced step
     python benchmarks/bench_tracer.py --json out.json
+    python benchmarks/bench_tracer.py --memory        # peak extra memory at V = 49k and 152k instead
 
 Three steps are timed, interleaved within every repeat (median over repeats, after a warm-up),
 in CPU time of the process and in wall-clock time (``timing.py``); the target is judged on CPU time:
@@ -22,6 +23,14 @@ proportional to the vocabulary, the step's to the model, so that ratio decides t
 Target: traced <= 1.10 x floor. The weights keep training across steps (no restore); every
 variant sees the same shapes, and their order rotates per repeat so that neither drift of a shared
 machine nor the position in the repeat favours one of them.
+
+``--memory`` measures instead the tracer's peak extra memory: peak resident memory of one traced
+step minus that of one untraced step (CPU; each in a fresh subprocess, peak RSS as in
+``bench_token_stats.py``, see ``memory.py``), for the tracer's hidden-state path and for its
+full-logits path (``logits_from_hidden=False``, the path every model took before the hidden
+one), at each vocabulary of ``--memory-vocabs``. Target: the hidden path's extra memory <= 0.25 x
+one full fp32 logits tensor of the batch (B x T x V x 4 bytes). On CUDA the same is read from
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -30,18 +39,23 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
+import subprocess
 import sys
 
 import torch
 import transformers
 from common import add_timing_args, qwen2_from_args
+from memory import proc_status_kib, release_free_heap, reset_peak_rss
 from timing import interleaved, medians, print_table
 
 from entropy_lab.stats import gather_logprobs
 from entropy_lab.trace import EntropyTracer
 
 TARGET = 1.10  # traced / floor
+MEMORY_TARGET = 0.25  # tracer's peak extra memory / one full fp32 logits tensor of the batch
+MEMORY_VARIANTS = {"untraced": None, "traced, hidden states": True, "traced, full logits": False}
 
 
 def make_batch(args):
@@ -119,12 +133,127 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="cProfile one traced step and print the top")
+    p.add_argument("--memory", action="store_true", help="measure peak extra memory instead of time")
+    p.add_argument("--memory-vocabs", default="49152,151936", help="vocabularies of the memory table")
+    p.add_argument(
+        "--memory-shape", default="2x512x384", help="batch x seq-len x response of the memory table"
+    )
+    p.add_argument("--memory-hidden", type=int, default=128, help="hidden size of the memory table's model")
+    p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)  # internal: memory subprocess
     return p.parse_args(argv)
+
+
+def memory_args(args, vocab: int):
+    """The options of one memory measurement: the memory table's model and batch at ``vocab``."""
+    B, T, R = (int(x) for x in args.memory_shape.split("x"))
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "vocab": vocab,
+            "batch": B,
+            "seq_len": T,
+            "response": R,
+            "hidden": args.memory_hidden,
+        }
+    )
+
+
+def measure_memory(args) -> dict:
+    """One step of variant ``args.child_memory`` after a warm-up step on one short row: peak extra bytes."""
+    from_hidden = MEMORY_VARIANTS[args.child_memory]
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    model = qwen2_from_args(args, seed=args.seed).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    tracer = None if from_hidden is None else EntropyTracer(model, logits_from_hidden=from_hidden)
+    run = run_untraced if tracer is None else run_traced
+    warm = argparse.Namespace(**{**vars(args), "batch": 1, "seq_len": 16, "response": 8})
+    run(model, opt, tracer, [x.to(dev) for x in make_batch(warm)])  # kernels, Adam state
+    batch = [x.to(dev) for x in make_batch(args)]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(model, opt, tracer, batch)
+        torch.cuda.synchronize()
+        return {"peak_extra": torch.cuda.max_memory_allocated() - base, "reset": True}
+    release_free_heap()
+    reset = reset_peak_rss()
+    base = proc_status_kib("VmRSS")
+    run(model, opt, tracer, batch)
+    return {"peak_extra": max(0, proc_status_kib("VmHWM") - base) * 1024, "reset": reset}
+
+
+def memory_table(args) -> tuple[list[dict], bool]:
+    """Per vocabulary: each variant's peak extra bytes in a fresh subprocess, and the tracer's share."""
+    rows = []
+    for vocab in (int(v) for v in args.memory_vocabs.split(",")):
+        margs = memory_args(args, vocab)
+        peaks = {}
+        for variant in MEMORY_VARIANTS:
+            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child-memory", variant]
+            cmd += ["--vocab", str(vocab)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory subprocess failed for {variant} at V={vocab}:\n{proc.stderr}")
+            peaks[variant] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra"]
+        logits_bytes = margs.batch * margs.seq_len * vocab * 4
+        row = {
+            "vocab": vocab,
+            "full_fp32_logits_bytes": logits_bytes,
+            "untraced_peak_bytes": peaks["untraced"],
+        }
+        for variant in list(MEMORY_VARIANTS)[1:]:
+            extra = peaks[variant] - peaks["untraced"]
+            row[variant] = {"extra_bytes": extra, "share_of_full_logits": extra / logits_bytes}
+        rows.append(row)
+    passed = all(r["traced, hidden states"]["share_of_full_logits"] <= MEMORY_TARGET for r in rows)
+    return rows, passed
+
+
+def print_memory(rows: list[dict], args, passed: bool) -> None:
+    margs = memory_args(args, 0)
+    print(
+        f"tracer memory: Qwen2 hidden {margs.hidden}, {margs.layers} layers, batch {margs.batch} x {margs.seq_len}, "
+        f"{margs.response} traced tokens each; AdamW; peak extra over an untraced step, "
+        f"{'CUDA allocator' if torch.cuda.is_available() else 'CPU peak RSS, fresh subprocess each'}"
+    )
+    mib = 2**20
+    print(
+        f"  {'V':>7}{'fp32 logits':>13}{'untraced':>10}{'tracer, hidden':>16}{'tracer, full logits':>21}  (MiB)"
+    )
+    for r in rows:
+        h, f = r["traced, hidden states"], r["traced, full logits"]
+        print(
+            f"  {r['vocab']:>7}{r['full_fp32_logits_bytes'] / mib:>13.0f}{r['untraced_peak_bytes'] / mib:>10.0f}"
+            f"{h['extra_bytes'] / mib:>9.0f} ({h['share_of_full_logits']:.2f}x)"
+            f"{f['extra_bytes'] / mib:>13.0f} ({f['share_of_full_logits']:.2f}x)"
+        )
+    print(
+        f"  tracer's peak extra memory (hidden path) <= {MEMORY_TARGET} x one full fp32 logits tensor: "
+        f"{'PASS' if passed else 'FAIL'}"
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.child_memory is not None:
+        print(json.dumps(measure_memory(memory_args(args, args.vocab))))
+        return 0
+    if args.memory:
+        rows, passed = memory_table(args)
+        print_memory(rows, args, passed)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"threads": args.threads, "config": vars(args), "memory": rows, "pass": passed},
+                    f,
+                    indent=2,
+                )
+            print(f"wrote {args.json}")
+        return 0 if passed else 1
     model = qwen2_from_args(args, seed=args.seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     tracer_kw = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}

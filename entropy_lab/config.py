@@ -196,6 +196,10 @@ class TrainConfig:
     trace_jvp: bool = False
     """Also record the jvp estimators (omega_jvp, omega_jvp_entropy) in traced steps: the logit change
     J . dtheta the optimizer's actual step predicts, by one forward-mode pass (about 3x a forward)."""
+    trace_jvp_positions: Annotated[int, AtLeast0] = 0
+    """With trace_jvp: run the forward-mode pass on at most this many of the traced tokens per update,
+    sampled uniformly (0: all of them); the others' omega_jvp and omega_jvp_entropy are NaN. Its cost
+    falls with the LM head's and the statistics' share, and with the rows that hold no sampled token."""
     trace_eta_grid: Annotated[str | None, OneOf(pattern=r"[\d.e+-]+(,[\d.e+-]+)*")] = None
     """Also measure the traced tokens' entropy at theta + eta dtheta in traced steps, for these positive
     multiples eta of the actual step, comma-separated (e.g. 0.25,0.5,1): regime@ columns, tabled by
@@ -253,6 +257,11 @@ class TrainConfig:
                 )
         batch = self.prompts_per_step * self.samples_per_prompt
         checks = [
+            (
+                self.trace_jvp or self.trace_jvp_positions == 0,
+                f"trace_jvp_positions ({self.trace_jvp_positions}) samples the jvp pass, which is off; "
+                "add --set trace_jvp=true or drop trace_jvp_positions",
+            ),
             (
                 self.mini_batches <= batch,
                 f"mini_batches ({self.mini_batches}) exceeds the rollout batch of prompts_per_step x "

@@ -39,7 +39,14 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.stats import _plogp, _weighted_l_dot, compute_dtype, resolve_chunk_bytes, rows_per_chunk
+from entropy_lab.stats import (
+    _nonfinite_rows,
+    _plogp,
+    _weighted_l_dot,
+    compute_dtype,
+    resolve_chunk_bytes,
+    rows_per_chunk,
+)
 from entropy_lab.theory import TokenQuantities, register_estimator
 from entropy_lab.update_predict import Update
 
@@ -107,6 +114,11 @@ def tangent_of(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(primal) if tangent is None else tangent
 
 
+def primal_of(x: torch.Tensor) -> torch.Tensor:
+    """The primal (value) of a tensor computed inside ``tangent_parameters``."""
+    return fwAD.unpack_dual(x)[0]
+
+
 def jvp_logits(model: nn.Module, update: Update, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, dz): the model's logits and their change J . dtheta under ``update``, each (B, T, V).
 
@@ -138,18 +150,42 @@ def jvp_estimates(
     change = torch.empty(n, dtype=cdtype, device=z.device)
     step = rows_per_chunk(vocab, resolve_chunk_bytes(chunk_bytes, z.device))
     for s in range(0, n, step):
-        zb = z[s : s + step].to(cdtype)  # (c, V)
-        d = torch.nan_to_num(dz[s : s + step].to(cdtype), nan=0.0)  # (c, V); no tangent at a masked entry
-        # One pass over the old distribution gives H(z) and the linear change ...
-        logp = torch.log_softmax(zb, -1)
-        p = logp.exp()
-        plogp = _plogp(p, logp)
-        h_before = -plogp.sum(-1, keepdim=True)  # (c, 1)
-        linear[s : s + step] = -_weighted_l_dot(p, plogp, h_before, d)
-        # ... and one over the linearised logits z + dz (-inf stays -inf) their entropy.
-        logp = torch.log_softmax(zb + d, -1)
-        change[s : s + step] = -_plogp(logp.exp(), logp).sum(-1) - h_before[:, 0]
+        linear[s : s + step], change[s : s + step] = _estimates_fast(
+            z[s : s + step].to(cdtype), dz[s : s + step].to(cdtype)
+        )
+    # Rows with -inf logits (masked vocabulary) or NaN tangents come out non-finite on the fast
+    # path: redo them exactly, once per call (one check, so a GPU synchronises once).
+    redo = _nonfinite_rows(linear, change)
+    for s in range(0, len(redo), step):
+        rows = redo[s : s + step]
+        linear[rows], change[rows] = _estimates_exact(z[rows].to(cdtype), dz[rows].to(cdtype))
     return linear, change
+
+
+def _estimates_fast(zb: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear, change) of one (c, V) chunk; exact to rounding where logits and tangents are finite."""
+    logp = torch.log_softmax(zb, -1)  # (c, V)
+    p = torch.softmax(zb, -1)  # (c, V); on CPU cheaper than logp.exp()
+    w = logp.mul_(p)  # (c, V) p log p, in place of logp
+    h_before = -w.sum(-1)  # (c,)
+    linear = -w.addcmul_(p, h_before[:, None]).mul_(d).sum(-1)  # -sum p (log p + H) d
+    zl = p.copy_(zb).add_(d)  # (c, V) the linearised logits z + dz, in place of p
+    h_lin = -torch.softmax(zl, -1).mul_(torch.log_softmax(zl, -1)).sum(-1)
+    return linear, h_lin - h_before
+
+
+def _estimates_exact(zb: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_estimates_fast`` that also holds for -inf logits (0 log 0 = 0) and NaN tangents (no tangent there)."""
+    d = torch.nan_to_num(dz, nan=0.0)  # (c, V); no tangent at a masked entry
+    # One pass over the old distribution gives H(z) and the linear change ...
+    logp = torch.log_softmax(zb, -1)
+    p = logp.exp()
+    plogp = _plogp(p, logp)
+    h_before = -plogp.sum(-1, keepdim=True)  # (c, 1)
+    linear = -_weighted_l_dot(p, plogp, h_before, d)
+    # ... and one over the linearised logits z + dz (-inf stays -inf) their entropy.
+    logp = torch.log_softmax(zb + d, -1)
+    return linear, -_plogp(logp.exp(), logp).sum(-1) - h_before[:, 0]
 
 
 # --- the estimators, for the tracer's records ----------------------------------------------

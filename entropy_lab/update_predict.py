@@ -123,13 +123,15 @@ def _predict_adam(opt: torch.optim.Optimizer) -> Update:
                 g = g + wd * p
             m_prev = state.get("exp_avg")
             v_prev = state.get("exp_avg_sq")
-            m = (1 - b1) * g if m_prev is None else b1 * m_prev + (1 - b1) * g
-            v = (1 - b2) * g * g if v_prev is None else b2 * v_prev + (1 - b2) * g * g
+            # In place on fresh temporaries, in torch's own order (lerp, mul-addcmul, addcdiv):
+            # three (p,)-sized buffers instead of a dozen, and the optimizer's rounding.
+            m = g * (1 - b1) if m_prev is None else m_prev.lerp(g, 1 - b1)
+            v = g * g * (1 - b2) if v_prev is None else (v_prev * b2).addcmul_(g, g, value=1 - b2)
             if amsgrad and state.get("max_exp_avg_sq") is not None:
                 v = torch.maximum(state["max_exp_avg_sq"], v)
-            denom = v.sqrt() / (1 - b2**t) ** 0.5 + eps
-            d = -(lr / (1 - b1**t)) * m / denom
+            denom = v.sqrt_().div_((1 - b2**t) ** 0.5).add_(eps)
+            d = m.div_(denom).mul_(-(lr / (1 - b1**t)))
             if wd != 0 and decoupled:
-                d = d - lr * wd * p
+                d.add_(p.detach(), alpha=-lr * wd)
             out[p] = d
     return out

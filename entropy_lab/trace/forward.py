@@ -1,24 +1,34 @@
 """The tracer's own no-grad forwards over traced rows, and the post-update pass built on them.
 
-``OwnForward`` runs the model over the batch rows that hold traced tokens and yields
-their logits at exactly those tokens (HF's ``logits_to_keep`` spares the LM head the
-other positions). It fills pre-update logits the training loop never produced, and
-after the step ``post_update_pass`` gives ``entropy_after`` and ``delta_logit_linear``
-from one more such forward: the floor of exact tracing.
+``OwnForward`` runs the model over the batch rows that hold traced tokens and yields the
+logits at exactly those tokens. On the hidden-state path (``entropy_lab.trace.head``) the
+model computes its LM head at one position only (``logits_to_keep=1``) while a hook keeps
+its body's last hidden state, and the tokens' logits are formed from it chunk by chunk
+(``traced_logit_chunks``); otherwise HF's ``logits_to_keep`` spares the LM head the
+positions no traced token needs. It fills pre-update logits the training loop never
+produced, and after the step ``post_update_pass`` gives ``entropy_after`` and
+``delta_logit_linear`` from one more such forward: the floor of exact tracing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.stats import TokenStats, entropy_change_stats, resolve_chunk_bytes, rows_per_chunk
+from entropy_lab.stats import (
+    DEFAULT_CHUNK_BYTES,
+    TokenStats,
+    entropy_change_stats,
+    rows_per_chunk,
+)
 from entropy_lab.trace.distributed import DistInfo
+from entropy_lab.trace.head import HeadPath, tapped
 from entropy_lab.trace.rows import TracedTokens, take_rows
 
 
@@ -82,6 +92,11 @@ class OwnForward:
     of the update are measured in one deterministic mode. The autocast state of the
     training forward is replayed (``autocast``, set by the forward hook), and
     ``running`` tells the forward hook to ignore these forwards.
+
+    With a ``HeadPath`` that is active (and ``use_hidden``), a forward computes the LM head at
+    one position only (``logits_to_keep=1``) and keeps the body's last hidden state: the
+    traced tokens' logits are then formed chunk by chunk (``traced_logit_chunks``), never
+    (rows, T, V) at once.
     """
 
     def __init__(
@@ -93,6 +108,7 @@ class OwnForward:
         deterministic: bool,
         batch_size: int | None,
         dist: DistInfo | None = None,
+        head: HeadPath | None = None,
     ):
         self.model = model
         self.tokens = tokens
@@ -101,22 +117,80 @@ class OwnForward:
         self.batch_size = batch_size
         self.dist = dist  # distributed: every rank runs the same number of forwards
         self.keeps_logits = accepts_logits_to_keep(model)
+        self.head = head
+        # The hidden path needs logits_to_keep (else the model builds all logits anyway) and one
+        # process (under FSDP the head's weights are whole only inside the model's forward).
+        self.use_hidden = head is not None and head.active and self.keeps_logits and dist is None
         self.largest_micro = 0  # largest micro-batch the training loop forwarded
         self.autocast: tuple[bool, torch.dtype | None] = (False, None)
         self.running = False
 
-    @torch.no_grad()
-    def traced_logits(self, token_mask: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (token_idx (k,), logits at those tokens (k, V)) for the traced tokens in ``token_mask`` (n,)."""
-        for idx, logits, local, column in self.traced_logit_blocks(token_mask):
-            yield idx, logits[local, column]
+    @property
+    def hidden(self) -> bool:
+        """Whether the traced tokens' logits come from hidden states and the head (else full logits)."""
+        return self.use_hidden and self.head is not None and self.head.active
+
+    def autocast_ctx(self) -> contextlib.AbstractContextManager:
+        """The training forward's autocast state, for the head applied outside the model."""
+        enabled, dtype = self.autocast
+        return (
+            torch.autocast(self.tokens.input_ids.device.type, dtype=dtype)
+            if enabled
+            else contextlib.nullcontext()
+        )
 
     @torch.no_grad()
-    def traced_logit_blocks(
-        self, token_mask: torch.Tensor
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Like ``traced_logits``, without gathering: yield (token_idx (k,), the forward's logits
-        (r, T or K, V), and the row (k,) and column (k,) in them of each token)."""
+    def traced_logits(self, token_mask: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (token_idx (k,), logits at those tokens (k, V)) for the traced tokens in ``token_mask`` (n,).
+
+        One (k, V) block per forward; ``traced_logit_chunks`` bounds the block instead.
+        """
+        for block in self.traced_blocks(token_mask):
+            if block.hidden is not None:
+                with self.autocast_ctx():
+                    yield block.idx, self.head_live(block.hidden)
+            else:
+                assert block.logits is not None
+                yield block.idx, block.logits[block.local, block.column]
+
+    @torch.no_grad()
+    def traced_logit_chunks(
+        self, token_mask: torch.Tensor, chunk_bytes: int | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (token_idx (c,), logits (c, V)), chunks of one fp32 (c, V) within ``chunk_bytes``
+        (None: ``entropy_lab.stats.DEFAULT_CHUNK_BYTES``, 32 MiB).
+
+        On the hidden path each chunk is the head applied to (c, d) hidden states; otherwise
+        it is read from the forward's logits (a view where the tokens are consecutive).
+        """
+        # The head's matmul wants larger chunks than the statistics' cache-sized ones (which the
+        # statistics still use inside each chunk): without a setting, the GPU default on any device.
+        limit = chunk_bytes if chunk_bytes is not None else DEFAULT_CHUNK_BYTES
+        for block in self.traced_blocks(token_mask):
+            vocab = block.logits.shape[-1] if block.logits is not None else self._head_rows()
+            rows = rows_per_chunk(vocab, limit)
+            for s in range(0, len(block.idx), rows):
+                idx = block.idx[s : s + rows]  # (c,)
+                if block.hidden is not None:
+                    with self.autocast_ctx():
+                        z = self.head_live(block.hidden[s : s + rows])  # (c, V)
+                else:
+                    assert block.logits is not None
+                    z = take_tokens(block.logits, block.local[s : s + rows], block.column[s : s + rows])
+                yield idx, z
+
+    def _head_rows(self) -> int:
+        assert self.head is not None and self.head.split is not None
+        return int(self.head.split.head.weight.shape[0])
+
+    def head_live(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's head (its current parameter slots) applied to hidden states (..., d) -> (..., V)."""
+        assert self.head is not None and self.head.split is not None
+        return self.head.split.live(h)
+
+    @torch.no_grad()
+    def traced_blocks(self, token_mask: torch.Tensor) -> Iterator[Block]:
+        """One ``Block`` per forward over the rows that hold traced tokens in ``token_mask`` (n,)."""
         tok = self.tokens
         input_ids = tok.input_ids
         rows = tok.b_idx[token_mask].unique()
@@ -125,44 +199,67 @@ class OwnForward:
         n_dummy = 0 if self.dist is None else self.dist.max(n_chunks, input_ids.device) - n_chunks
         was_training = self.model.training
         self.running = True
-        enabled, dtype = self.autocast
-        dev_type = input_ids.device.type
         try:
             if not self.deterministic:
                 self.model.eval()
-            T = input_ids.shape[1]
             for s in range(0, len(rows), bs):
                 chunk = rows[s : s + bs]  # (r,)
-                # Only the positions that predict traced tokens need the LM head (HF's logits_to_keep).
-                needed = (tok.t_idx[torch.cat([tok.tokens_of_row[b] for b in chunk.tolist()])] - 1).unique()
-                column = torch.arange(T, device=needed.device)  # position -> column of the logits
-                keep: torch.Tensor | None = None
-                if self.keeps_logits and len(needed) < T:
-                    column[needed] = torch.arange(len(needed), device=needed.device)
-                    keep = needed
-                kw = {
-                    k: v[chunk] if isinstance(v, torch.Tensor) and v.shape[:1] == input_ids.shape[:1] else v
-                    for k, v in self.forward_kwargs.items()
-                }
-                if tok.attention_mask is not None:
-                    kw["attention_mask"] = tok.attention_mask[chunk]
-                if keep is not None:
-                    kw["logits_to_keep"] = keep
-                ctx = torch.autocast(dev_type, dtype=dtype) if enabled else contextlib.nullcontext()
-                with ctx:
-                    logits = require_logits(self.model(input_ids=input_ids[chunk], **kw))  # (r, T or K, V)
-                # (k,) token indices, their rows and columns in the logits; grouped by row, in position order.
+                # (k,) token indices, their rows in the forward; grouped by row, in position order.
                 parts = [tok.tokens_of_row[b] for b in chunk.tolist()]
                 local = torch.cat([torch.full_like(p, i) for i, p in enumerate(parts)])
                 idx = torch.cat(parts)
                 keep_tok = token_mask[idx]
                 idx, local = idx[keep_tok], local[keep_tok]
-                yield idx, logits, local, column[tok.t_idx[idx] - 1]
+                pos = tok.t_idx[idx] - 1  # (k,) the positions whose logits predict the tokens
+                block = self._hidden_block(chunk, idx, local, pos) if self.hidden else None
+                yield block if block is not None else self._logits_block(chunk, idx, local, pos)
             for _ in range(n_dummy):  # FSDP all-gathers in every forward: match the other ranks' count
                 self._dummy_forward()
         finally:
             self.running = False
             self.model.train(was_training)
+
+    def _call(self, chunk: torch.Tensor, **extra):
+        kw = {
+            k: v[chunk]
+            if isinstance(v, torch.Tensor) and v.shape[:1] == self.tokens.input_ids.shape[:1]
+            else v
+            for k, v in self.forward_kwargs.items()
+        }
+        if self.tokens.attention_mask is not None:
+            kw["attention_mask"] = self.tokens.attention_mask[chunk]
+        with self.autocast_ctx():
+            return self.model(input_ids=self.tokens.input_ids[chunk], **kw, **extra)
+
+    def _hidden_block(self, chunk, idx, local, pos) -> Block | None:
+        """The block from the body's hidden states; None when the head check turns the path off."""
+        assert self.head is not None and self.head.split is not None
+        with tapped(self.head.split.body) as tap:
+            logits = require_logits(
+                self._call(chunk, logits_to_keep=1)
+            )  # (r, 1, V): the head at one position
+            h = tap.take()  # (r, T, d)
+        if h is None or h.shape[:2] != self.tokens.input_ids[chunk].shape:
+            self.head.split, self.head.reason = None, "its body's output holds no (B, T, d) last hidden state"
+            return None
+        with self.autocast_ctx():
+            if not self.head.check(h[:1, -1], logits[:1, -1]):
+                return None
+        return Block(idx, local, pos, hidden=h[local, pos])  # (k, d)
+
+    def _logits_block(self, chunk, idx, local, pos) -> Block:
+        T = self.tokens.input_ids.shape[1]
+        # Only the positions that predict traced tokens need the LM head (HF's logits_to_keep).
+        needed = (
+            self.tokens.t_idx[torch.cat([self.tokens.tokens_of_row[b] for b in chunk.tolist()])] - 1
+        ).unique()
+        column = torch.arange(T, device=needed.device)  # position -> column of the logits
+        extra = {}
+        if self.keeps_logits and len(needed) < T:
+            column[needed] = torch.arange(len(needed), device=needed.device)
+            extra["logits_to_keep"] = needed
+        logits = require_logits(self._call(chunk, **extra))  # (r, T or K, V)
+        return Block(idx, local, column[pos], logits=logits)
 
     def _dummy_forward(self) -> None:
         """A forward over row 0 whose output is dropped (only its collectives matter)."""
@@ -177,6 +274,18 @@ class OwnForward:
         self.model(input_ids=self.tokens.input_ids[:1], **kw)
 
 
+@dataclass
+class Block:
+    """The traced tokens of one forward: their indices (k,), and their hidden states (k, d) or the
+    forward's logits (r, T or K, V) with each token's row ``local`` (k,) and ``column`` (k,) there."""
+
+    idx: torch.Tensor
+    local: torch.Tensor
+    column: torch.Tensor
+    hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
 def take_tokens(logits: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """``logits[rows, columns]``: (r, K, V), (c,), (c,) -> (c, V); a view (no copy) when the tokens are
     consecutive columns of one row, as a chunk of one response's tokens is."""
@@ -187,40 +296,41 @@ def take_tokens(logits: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor)
 
 
 def post_update_pass(
-    forward: OwnForward, z_before: torch.Tensor, chunk_bytes: int | None, pre: TokenStats | None = None
+    forward: OwnForward,
+    before_rows: Callable[[torch.Tensor], torch.Tensor],
+    chunk_bytes: int | None,
+    pre: TokenStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One forward after the update: (entropy_after (n,), delta_logit_linear (n,), whether any logit moved).
 
     delta_logit_linear = -sum_k pi_k l_k (z_after - z_before)_k, first order in the actual logit change.
+    ``before_rows(idx)`` gives the pre-update logits (c, V) of the traced tokens ``idx`` (c,).
     ``pre``: the pre-update statistics of the traced tokens; their log-sum-exp and entropy spare
-    the pass a log-softmax and an entropy of ``z_before``. The post-update logits are read chunk
-    by chunk straight from the forward's output, never copied out whole.
+    the pass a log-softmax and an entropy of ``z_before``. The post-update logits are formed
+    (hidden path) or read (full logits) chunk by chunk, never copied out whole.
     """
     lse = pre.logsumexp if pre is not None else None  # (n,) or None
     h_before = pre.entropy if pre is not None else None  # (n,) or None
     use_pre = lse is not None and h_before is not None
     tokens = forward.tokens
-    n, vocab = z_before.shape
-    entropy_after = torch.empty(n, dtype=torch.float64, device=z_before.device)
-    linear = torch.empty(n, dtype=torch.float64, device=z_before.device)
+    n, dev = tokens.n, tokens.device
+    entropy_after = torch.empty(n, dtype=torch.float64, device=dev)
+    linear = torch.empty(n, dtype=torch.float64, device=dev)
     changed_any = False
-    step = rows_per_chunk(vocab, resolve_chunk_bytes(chunk_bytes, z_before.device))
-    everything = torch.ones(n, dtype=torch.bool, device=z_before.device)
-    for idx_all, logits, local, column in forward.traced_logit_blocks(everything):
-        for s in range(0, len(idx_all), step):
-            idx = idx_all[s : s + step]  # (c,)
-            z_a = take_tokens(logits, local[s : s + step], column[s : s + step])  # (c, V)
-            tokens.check_finite(z_a, "post-update", idx)
-            # Entropy after, and the first-order change along dz = z_a - z_b (-inf - -inf is NaN where
-            # a masked vocabulary stays masked: no change there).
-            h_after, lin, changed = entropy_change_stats(
-                take_rows(z_before, idx),
-                z_a,
-                before_logsumexp=take_rows(lse, idx) if lse is not None and use_pre else None,
-                before_entropy=take_rows(h_before, idx) if h_before is not None and use_pre else None,
-                chunk_bytes=chunk_bytes,
-                check_changed=not changed_any,
-            )
-            entropy_after[idx], linear[idx] = h_after.double(), lin.double()
-            changed_any = changed_any or changed
+    everything = torch.ones(n, dtype=torch.bool, device=dev)
+    for idx, z_a in forward.traced_logit_chunks(everything, chunk_bytes):
+        tokens.check_finite(z_a, "post-update", idx)
+        z_b = before_rows(idx)  # (c, V)
+        # Entropy after, and the first-order change along dz = z_a - z_b (-inf - -inf is NaN where
+        # a masked vocabulary stays masked: no change there).
+        h_after, lin, changed = entropy_change_stats(
+            z_b,
+            z_a,
+            before_logsumexp=take_rows(lse, idx) if lse is not None and use_pre else None,
+            before_entropy=take_rows(h_before, idx) if h_before is not None and use_pre else None,
+            chunk_bytes=chunk_bytes,
+            check_changed=not changed_any,
+        )
+        entropy_after[idx], linear[idx] = h_after.double(), lin.double()
+        changed_any = changed_any or changed
     return entropy_after, linear, changed_any

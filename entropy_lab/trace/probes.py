@@ -27,7 +27,7 @@ scales them by eta); eta grids are floats, so a column reads ``regime@1.0:...`` 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,11 +35,10 @@ import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
-from entropy_lab.jvp import jvp_estimates, tangent_of, tangent_parameters
+from entropy_lab.jvp import jvp_estimates, primal_of, tangent_of, tangent_parameters
 from entropy_lab.records import COLUMNS, PREDICTED_PREFIX, regime_column
 from entropy_lab.stats import TokenStats, entropy_change_stats
 from entropy_lab.trace.forward import OwnForward
-from entropy_lab.trace.rows import take_rows
 from entropy_lab.update_predict import Update, predict_update
 
 DEFAULT_ETAS: tuple[float, ...] = tuple(2.0**k for k in range(-6, 2))
@@ -53,22 +52,30 @@ class PreStep:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     """The optimizer about to step; ``predict_update(optimizer)`` is the step it will apply."""
-    z_before: torch.Tensor  # (n, V) pre-update logits of every traced token
+    before_rows: Callable[[torch.Tensor], torch.Tensor]
+    """``before_rows(idx)``: the pre-update logits (c, V) of the traced tokens ``idx`` (c,)."""
     stats: TokenStats
     """Pre-update entropy, log-prob and collision of the traced tokens, (n,) each."""
     forward: OwnForward
-    """The tracer's own no-grad forwards: ``forward.traced_logits(mask)`` yields (idx (k,), logits (k, V))."""
+    """The tracer's own no-grad forwards: ``forward.traced_logit_chunks(mask, chunk_bytes)`` yields
+    (idx (c,), logits (c, V)) in bounded chunks, ``forward.traced_logits(mask)`` one (k, V) per forward."""
     chunk_bytes: int | None
     """The tracer's bound on one fp32 (chunk, V) temporary (None: the device default)."""
 
     @property
     def n(self) -> int:
         """Number of traced tokens."""
-        return self.z_before.shape[0]
+        return self.stats.entropy.shape[0]
+
+    @property
+    def z_before(self) -> torch.Tensor:
+        """(n, V) pre-update logits of every traced token, formed whole: one full copy on the hidden
+        path, so a probe that can work chunk by chunk reads ``before_rows`` instead."""
+        return self.before_rows(torch.arange(self.n, device=self.stats.entropy.device))
 
     def every_token(self) -> torch.Tensor:
         """(n,) bool, all True: the mask that makes ``forward.traced_logits`` cover every traced token."""
-        return torch.ones(self.n, dtype=torch.bool, device=self.z_before.device)
+        return torch.ones(self.n, dtype=torch.bool, device=self.stats.entropy.device)
 
 
 @dataclass
@@ -92,17 +99,43 @@ class PreStepProbe(Protocol):
 
 @dataclass(frozen=True)
 class JvpProbe:
-    """The ``jvp`` and ``jvp_entropy`` token inputs: J . dtheta at the traced tokens, one forward-mode pass."""
+    """The ``jvp`` and ``jvp_entropy`` token inputs: J . dtheta at the traced tokens, one forward-mode pass.
+
+    ``positions``: run the pass on at most this many traced tokens, sampled uniformly (seeded by
+    ``seed`` and the number of traced tokens); the others get NaN. None: every traced token.
+    """
+
+    positions: int | None = None
+    seed: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            "JvpProbe()"
+            if self.positions is None
+            else f"JvpProbe(positions={self.positions}, seed={self.seed})"
+        )
+
+    def sample(self, pre: PreStep) -> torch.Tensor:
+        """(n,) bool: the traced tokens the pass covers."""
+        mask = pre.every_token()
+        if self.positions is None or self.positions >= pre.n:
+            return mask
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + pre.n)
+        mask[:] = False
+        mask[torch.randperm(pre.n, generator=gen)[: self.positions].to(mask.device)] = True
+        return mask
 
     def __call__(self, pre: PreStep) -> ProbeResult:
-        z_before = pre.z_before  # (n, V)
-        linear = torch.empty(pre.n, dtype=torch.float64, device=z_before.device)  # (n,)
-        change = torch.empty(pre.n, dtype=torch.float64, device=z_before.device)  # (n,)
+        dev = pre.stats.entropy.device
+        linear = torch.full((pre.n,), float("nan"), dtype=torch.float64, device=dev)  # (n,)
+        change = torch.full((pre.n,), float("nan"), dtype=torch.float64, device=dev)  # (n,)
         update = predict_update(pre.optimizer)
         with tangent_parameters(pre.model, update):
-            for idx, z in pre.forward.traced_logits(pre.every_token()):
-                dz = tangent_of(z)  # (k, V) J . dtheta at the traced tokens of these rows
-                lin, ch = jvp_estimates(take_rows(z_before, idx), dz, chunk_bytes=pre.chunk_bytes)
+            # On the hidden path the head runs per chunk, so no (rows, T, V) tangent exists at once.
+            for idx, z in pre.forward.traced_logit_chunks(self.sample(pre), pre.chunk_bytes):
+                dz = tangent_of(z)  # (c, V) J . dtheta at these traced tokens
+                # The primal is the pre-update logits, computed in the same pass: no re-read.
+                lin, ch = jvp_estimates(primal_of(z), dz, chunk_bytes=pre.chunk_bytes)
                 linear[idx], change[idx] = lin.double(), ch.double()
         return ProbeResult(token_inputs={"jvp": linear, "jvp_entropy": change})
 
@@ -141,9 +174,8 @@ class EtaSweepProbe:
             )
 
     def __call__(self, pre: PreStep) -> ProbeResult:
-        z_before = pre.z_before  # (n, V)
         h_before = pre.stats.entropy.double()  # (n,)
-        n, dev = pre.n, z_before.device
+        n, dev = pre.n, h_before.device
         every = pre.every_token()
         update = predict_update(pre.optimizer)
         cols: dict[str, torch.Tensor] = {}
@@ -151,28 +183,36 @@ class EtaSweepProbe:
             h_eta = torch.empty(n, dtype=torch.float64, device=dev)  # (n,)
             lin_eta = torch.empty(n, dtype=torch.float64, device=dev)  # (n,)
             with shifted_parameters(pre.model, update, eta):
-                for idx, z in pre.forward.traced_logits(every):
-                    h, lin, _ = entropy_change_stats(z_before[idx], z, chunk_bytes=pre.chunk_bytes)
+                for idx, z in pre.forward.traced_logit_chunks(every, pre.chunk_bytes):
+                    h, lin, _ = entropy_change_stats(pre.before_rows(idx), z, chunk_bytes=pre.chunk_bytes)
                     h_eta[idx], lin_eta[idx] = h.double(), lin.double()
             cols[regime_column(eta, "delta_entropy")] = h_eta - h_before
             cols[regime_column(eta, "delta_logit_linear")] = lin_eta
         jvp_cols = {eta: torch.empty(n, dtype=torch.float64, device=dev) for eta in self.etas}  # (n,) each
         with tangent_parameters(pre.model, update):
-            for idx, z in pre.forward.traced_logits(every):
-                dz = tangent_of(z)  # (k, V)
+            for idx, z in pre.forward.traced_logit_chunks(every, pre.chunk_bytes):
+                dz, z0 = tangent_of(z), primal_of(z)  # (c, V) each
                 for eta in self.etas:
-                    jvp_cols[eta][idx] = jvp_estimates(z_before[idx], eta * dz)[1].double()
+                    jvp_cols[eta][idx] = jvp_estimates(z0, eta * dz)[1].double()
         for eta in self.etas:
             cols[regime_column(eta, "jvp_entropy")] = jvp_cols[eta]
         return ProbeResult(columns=cols)
 
 
 def build_probes(
-    jvp: bool, eta_grid: Sequence[float] | str | None, extra: Sequence[PreStepProbe] = ()
+    jvp: bool,
+    eta_grid: Sequence[float] | str | None,
+    extra: Sequence[PreStepProbe] = (),
+    jvp_positions: int | None = None,
+    seed: int = 0,
 ) -> tuple[PreStepProbe, ...]:
     """A tracer's probes in the order they run: the jvp probe, the eta sweep, then ``extra``."""
     etas = parse_eta_grid(eta_grid)
-    return (*((JvpProbe(),) if jvp else ()), *((EtaSweepProbe(etas),) if etas else ()), *extra)
+    return (
+        *((JvpProbe(jvp_positions, seed),) if jvp else ()),
+        *((EtaSweepProbe(etas),) if etas else ()),
+        *extra,
+    )
 
 
 def run_probes(probes: Sequence[PreStepProbe], pre: PreStep) -> ProbeResult:

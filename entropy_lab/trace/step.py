@@ -30,6 +30,7 @@ from entropy_lab.trace.build import build_records
 from entropy_lab.trace.capture import PreUpdateCapture
 from entropy_lab.trace.distributed import DistInfo, detect, global_records
 from entropy_lab.trace.forward import OwnForward, autocast_state, has_active_dropout, post_update_pass
+from entropy_lab.trace.head import HeadPath, HiddenTap
 from entropy_lab.trace.hooks import StepHooks
 from entropy_lab.trace.probes import PreStep, PreStepProbe, run_probes
 from entropy_lab.trace.rows import Annotations, TracedTokens
@@ -46,6 +47,7 @@ class TracerOptions(Protocol):
     config: dict
     distributed: bool | None
     probes: tuple[PreStepProbe, ...]
+    head_path: HeadPath
 
 
 class TraceStep:
@@ -90,7 +92,13 @@ class TraceStep:
             deterministic=not has_active_dropout(self.model),
             batch_size=tracer.forward_batch_size,
             dist=self.dist,
+            head=tracer.head_path,
         )
+        self.capture.autocast_ctx = self.forward.autocast_ctx
+        split = tracer.head_path.split
+        if self.forward.hidden and split is not None:
+            self.capture.head_before = split.live  # until the optimizer step: the head as it is
+        self.tap: HiddenTap | None = None  # the body's hidden state in each training forward
         self.hooks = StepHooks()
         self.lr = lr
         self.records: pd.DataFrame | None = None
@@ -107,6 +115,17 @@ class TraceStep:
             f"traced_tokens={self.n}, lr={self.lr!r}, optimizer_steps={self.n_optimizer_steps}, "
             f"probes={list(self.tracer.probes)!r}, state={state})"
         )
+
+    @property
+    def logits_path(self) -> str:
+        """How this step's own passes get the traced tokens' logits (the tracer's choice, or full
+        logits where this step cannot take the hidden-state path)."""
+        if self.forward.hidden:
+            return self.tracer.head_path.describe()
+        if self.tracer.head_path.active:
+            why = "torch.distributed" if self.dist is not None else "the model takes no logits_to_keep"
+            return f"full logits ({why})"
+        return self.tracer.head_path.describe()
 
     @property
     def pre_stats(self) -> TokenStats:
@@ -147,6 +166,9 @@ class TraceStep:
     def _attach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         try:
             self.hooks.attach(self.model, self._on_forward, self._on_optimizer_step, optimizer)
+            split = self.tracer.head_path.split
+            if self.forward.hidden and split is not None:
+                self.tap = HiddenTap(split.body).attach()
             self.state = "open"
             if not self.forward.deterministic:
                 # Dropout is active: the training forward is stochastic, so the pre-update
@@ -158,10 +180,14 @@ class TraceStep:
 
     def _detach(self) -> None:
         self.hooks.remove()
+        if self.tap is not None:
+            self.tap.remove()
+            self.tap = None
         if self.state == "open":
             self.state = "failed"  # until _finish builds the records
 
     def _on_forward(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        hidden = self.tap.take() if self.tap is not None else None  # (b, T, d) or None
         if self.forward.running:
             return
         rows = self.tokens.match_rows(ids)
@@ -172,10 +198,26 @@ class TraceStep:
             return
         local_rows, token_idx = located  # (k,), (k,)
         pos = self.tokens.t_idx[token_idx] - 1  # logits at t-1 predict token t
-        if self.forward.deterministic and self.n_optimizer_steps == 0:
-            self.capture.store_forward(token_idx, logits.detach()[local_rows, pos])  # (k, V), a copy
+        pre_update = self.forward.deterministic and self.n_optimizer_steps == 0
+        if pre_update:
+            if self._hidden_usable(hidden, logits, local_rows, pos):
+                assert hidden is not None
+                self.capture.store_hidden(token_idx, hidden.detach()[local_rows, pos])  # (k, d), a copy
+            else:
+                self.capture.store_forward(token_idx, logits.detach()[local_rows, pos])  # (k, V), a copy
         if logits.requires_grad and torch.is_grad_enabled():
-            self.hooks.watch_grad(logits, self.capture.grad_hook(local_rows, pos, token_idx))
+            in_place = logits.detach() if pre_update else None  # the pre-update logits, read during backward
+            self.hooks.watch_grad(logits, self.capture.grad_hook(local_rows, pos, token_idx, in_place))
+
+    def _hidden_usable(
+        self, hidden: torch.Tensor | None, logits: torch.Tensor, local_rows: torch.Tensor, pos: torch.Tensor
+    ) -> bool:
+        """Whether this forward's hidden states give its logits (checked at one token, once per tracer)."""
+        if not self.forward.hidden or hidden is None or hidden.shape[:2] != logits.shape[:2]:
+            return False
+        i, t = local_rows[:1], pos[:1]
+        with torch.no_grad(), self.forward.autocast_ctx():
+            return self.tracer.head_path.check(hidden[i, t], logits[i, t].detach())
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.n_optimizer_steps += 1
@@ -186,20 +228,32 @@ class TraceStep:
         missing = ~self.capture.have_before
         if bool(missing.any()) or self.dist is not None:  # distributed: every rank joins the forwards
             self._fill_before(missing)
+        split = self.tracer.head_path.split
+        if split is not None and bool(self.capture.as_hidden.any()):
+            self.capture.head_before = split.snapshot()  # the optimizer is about to move the head
         self._pre_stats = self.capture.stats()  # checks the logits before the parameters move
         if not self.tracer.probes:
             return
-        z_before = self.capture.z_before
-        assert z_before is not None  # filled for every traced token just above
-        pre = PreStep(self.model, optimizer, z_before, self._pre_stats, self.forward, self.tracer.chunk_bytes)
+        pre = PreStep(
+            self.model,
+            optimizer,
+            self.capture.before_rows,
+            self._pre_stats,
+            self.forward,
+            self.tracer.chunk_bytes,
+        )
         found = run_probes(self.tracer.probes, pre)
         for name, values in found.token_inputs.items():
             self.add_token_input(name, values)
         self.extra_columns.update(found.columns)
 
     def _fill_before(self, token_mask: torch.Tensor) -> None:
-        for idx, z in self.forward.traced_logits(token_mask):
-            self.capture.store(idx, z)
+        for block in self.forward.traced_blocks(token_mask):
+            if block.hidden is not None:
+                self.capture.store_hidden(block.idx, block.hidden)
+            else:
+                assert block.logits is not None
+                self.capture.store(block.idx, block.logits[block.local, block.column])
 
     # --- results -----------------------------------------------------------------------
     def _finish(self) -> None:
@@ -222,10 +276,8 @@ class TraceStep:
                 stacklevel=3,
             )
         pre = self._pre_stats or self.capture.stats()
-        z_before = self.capture.z_before
-        assert z_before is not None
         entropy_after, linear, changed = post_update_pass(
-            self.forward, z_before, self.tracer.chunk_bytes, pre
+            self.forward, self.capture.before_rows, self.tracer.chunk_bytes, pre
         )
         if not changed and self.n_optimizer_steps > 0:
             warnings.warn(

@@ -31,9 +31,11 @@ How it measures, and what it costs:
 - After the step, one no-grad forward over the traced rows gives ``entropy_after`` and
   ``delta_logit_linear``. That forward is the floor of exact tracing.
 
-Memory: the pre-update logits of traced tokens, (n_traced, V) in the logits' dtype.
-Bound it with ``max_positions`` (a count or a fraction of response tokens, sampled
-uniformly; exact on the sampled ones).
+Memory: for a model whose logits are its LM head's output (``entropy_lab.trace.head``), the
+traced tokens' last hidden states (n_traced, d), a copy of the head taken before the optimizer
+moves it, and (chunk, V) temporaries: never (B, T, V) logits. Otherwise the pre-update logits
+of traced tokens, (n_traced, V) in the logits' dtype. Bound either with ``max_positions`` (a
+count or a fraction of response tokens, sampled uniformly; exact on the sampled ones).
 
 Conventions: every per-token tensor passed in is (B, T), aligned with ``input_ids``;
 ``response_mask[b, t] = 1`` marks token t of row b as a response token, predicted by
@@ -62,6 +64,7 @@ from torch import nn
 
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.trace.forward import accepts_logits_to_keep, has_active_dropout
+from entropy_lab.trace.head import HeadPath
 from entropy_lab.trace.probes import EtaSweepProbe, JvpProbe, PreStepProbe, build_probes
 from entropy_lab.trace.rows import take_rows
 from entropy_lab.trace.step import TraceStep
@@ -86,10 +89,16 @@ class EntropyTracer:
             None detects it (an initialised process group of more than one rank), True requires it.
         jvp: also record the ``jvp`` and ``jvp-entropy`` estimators (``probes.JvpProbe``): one
             forward-mode pass over the traced rows at the optimizer pre-step hook.
+        jvp_positions: with ``jvp``, run the forward-mode pass on at most this many traced tokens,
+            sampled uniformly with ``seed`` (None: all); the others' jvp estimators are NaN.
         eta_grid: multiples eta of the step at which to also measure the traced tokens' entropy,
             theta + eta dtheta (``probes.EtaSweepProbe``), as numbers or as the comma-separated text
             of ``TrainConfig.trace_eta_grid``; the records gain ``regime@`` columns.
         probes: further ``PreStepProbe``s, run after the jvp and eta-sweep ones, in this order.
+        logits_from_hidden: form the traced tokens' logits from the last hidden state and the LM
+            head, chunk by chunk (``entropy_lab.trace.head``), where the model allows it; False
+            keeps the model's full logits of the traced tokens, (n, V). ``logits_path`` says
+            which one is in use, and why when it is the full logits.
 
     ``probes`` holds the pre-step probes the arguments asked for, in the order they run.
     """
@@ -105,8 +114,10 @@ class EntropyTracer:
         config: dict | None = None,
         distributed: bool | None = None,
         jvp: bool = False,
+        jvp_positions: int | None = None,
         eta_grid: Sequence[float] | str | None = None,
         probes: Sequence[PreStepProbe] = (),
+        logits_from_hidden: bool = True,
     ):
         get_emb = getattr(model, "get_output_embeddings", None)
         if get_emb is None or get_emb() is None:
@@ -128,7 +139,23 @@ class EntropyTracer:
         self.config = dict(config or {})
         self.distributed = distributed
         self._open: TraceStep | None = None  # the step whose block is running, if any
-        self.probes: tuple[PreStepProbe, ...] = build_probes(jvp, eta_grid, probes)
+        if jvp_positions is not None and (
+            isinstance(jvp_positions, bool) or not isinstance(jvp_positions, int) or jvp_positions < 1
+        ):
+            raise EntropyLabError(
+                f"jvp_positions must be a count >= 1 or None (all tokens), got {jvp_positions!r}"
+            )
+        if jvp_positions is not None and not jvp:
+            raise EntropyLabError(
+                "jvp_positions samples the jvp pass: give jvp=True too, or drop jvp_positions"
+            )
+        self.probes: tuple[PreStepProbe, ...] = build_probes(jvp, eta_grid, probes, jvp_positions, seed)
+        self.head_path = HeadPath(model, enabled=logits_from_hidden)
+
+    @property
+    def logits_path(self) -> str:
+        """How the tracer's own passes get the traced tokens' logits, and why when from full logits."""
+        return self.head_path.describe()
 
     @property
     def jvp(self) -> bool:

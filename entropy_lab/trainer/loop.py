@@ -144,6 +144,7 @@ class Trainer:
             seed=cfg.seed,
             config=cfg.to_dict(),
             jvp=cfg.trace_jvp,
+            jvp_positions=cfg.trace_jvp_positions or None,
             eta_grid=cfg.trace_eta_grid,
         )
         self.controller = build_controller(cfg)
