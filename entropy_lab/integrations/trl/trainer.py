@@ -27,10 +27,12 @@ the annotations ``annotate``'s, the project's loss ``project_loss``'s.
 
 Deliberate simplifications:
 
-- TRL's fused LM head never materialises the logits, so the tracer measures the policy TRL
-  trains, softmax(z / temperature), with its own forwards (pre-update at the optimizer step,
-  post-update after it): ``omega_logit_grad`` is NaN in TRL traces (the report's decomposition
-  then starts from ``softmax``), and the tracer's extra cost is two no-grad forwards.
+- TRL's fused LM head never materialises the logits. The pre-update side is taken from TRL's
+  training forward instead (``fused``: the traced tokens' logits recomputed from the hidden
+  states TRL's head consumes, ``omega_logit_grad`` from the gradients of its log-probs and
+  entropies), so the tracer's extra cost is one no-grad forward, the post-update one over the
+  step's traced rows. Where ``fused`` cannot recompute the head (a logit soft cap or scale,
+  active dropout) the tracer runs its own pre-update forward too and ``omega_logit_grad`` is NaN.
 - The tracer's forwards call the unwrapped model (no DDP buffer broadcast); under
   torch.distributed the tracer itself keeps the ranks' forward counts in step and adds
   ``rank``. Tested with DDP over gloo (2 CPU processes); FSDP and ZeRO-3 are not tested.
@@ -45,6 +47,7 @@ References: TRL 1.16.0 ``trl/trainer/grpo_trainer.py``; transformers ``Trainer._
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -54,6 +57,7 @@ from trl import GRPOTrainer
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.integrations.trl._inputs import OLD_ENTROPY_KEY
 from entropy_lab.integrations.trl.annotate import annotate_project_loss, annotate_trl_loss
+from entropy_lab.integrations.trl.fused import FusedHeadTap
 from entropy_lab.integrations.trl.losses import get_loss_type
 from entropy_lab.integrations.trl.methods import TrlSettings, base_config, resolve_trl_method
 from entropy_lab.integrations.trl.project_loss import batch_context, project_loss
@@ -106,6 +110,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         self._pad_id = int(pad) if pad is not None else 0
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._traced_model = TemperedLM(base, self.temperature, self.accelerator.autocast)
+        self._head = FusedHeadTap(base, self.temperature)  # pre-update side from TRL's training forward
         record_cfg = (self._el_cfg or base_config(settings)).replace(
             method=method or f"trl-{settings.loss_type}", steps=int(self.args.max_steps)
         )
@@ -182,7 +187,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         window, self._window = self._window, None
         if window is None:
             return
-        records = window.close()
+        records = window.close(logit_grad=self._head.off is None)
         if "rank" not in records:  # the tracer adds it itself under torch.distributed
             records.insert(0, "rank", int(self.accelerator.process_index))
         self._run.write_trace(window.traced, records, self.accelerator, window.step)
@@ -192,9 +197,22 @@ class TracedGRPOTrainer(GRPOTrainer):
         gen = self._gen_stash is not None and model is self.model and not torch.is_grad_enabled()
         if gen:
             kw["compute_entropy"] = True
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *a, **kw
+        call = functools.partial(
+            super()._get_per_token_logps_and_entropies,
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            *a,
+            **kw,
         )
+        window = self._window
+        if window is not None and self.model.training and torch.is_grad_enabled():  # a traced micro-batch
+            out = self._head.forward(
+                window.traced, window.micro_rows(input_ids), input_ids, logits_to_keep, call
+            )
+        else:
+            out = call()
         if gen and self._gen_stash is not None:
             self._gen_stash.append((out[0], out[1]))
         if self._capture is not None and torch.is_grad_enabled():

@@ -1,8 +1,9 @@
 """What the tracer sees of a traced TRL step: the policy (``TemperedLM``) and the step's batch.
 
 ``TracedStepBatch`` packs every micro-batch TRL prepared for one optimizer step into one padded
-batch, opens the tracer's step on it, and places each micro-batch's per-token annotations at
-its rows and input positions.
+batch, opens the tracer's step on it, places each micro-batch's per-token annotations at
+its rows and input positions, and names the rows a training forward of the current micro-batch
+holds (``micro_rows``, for ``fused``).
 
 Deliberate simplifications: micro-batches are right-padded to the step's widest one (pad id
 for the tokens, 0 for the masks and advantages, NaN for annotations); the tracer's forwards
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -154,11 +156,32 @@ class TracedStepBatch:
             rows=rows, **{k: self.per_position(v, plen, math.nan) for k, v in values.items()}
         )
 
-    def close(self, error: bool = False):
-        """End the tracer's step and return its records; after an error, only remove its hooks."""
+    def micro_rows(self, input_ids: torch.Tensor) -> list[int] | None:
+        """The step's batch rows that a forward of the current micro-batch over ``input_ids`` (b, T_m) holds.
+
+        None when ``input_ids`` is not the current micro-batch (other rows, or not right-padded to it).
+        """
+        if self.micro < 0 or input_ids.dim() != 2 or not len(input_ids) or input_ids.shape[1] > self.width:
+            return None
+        start = self.offsets[self.micro]
+        rows = list(range(start, start + input_ids.shape[0]))
+        if rows[-1] >= self.input_ids.shape[0]:
+            return None
+        same = torch.equal(self.input_ids[start : rows[-1] + 1, : input_ids.shape[1]], input_ids)
+        return rows if same else None
+
+    def close(self, error: bool = False, logit_grad: bool = True):
+        """End the tracer's step and return its records; after an error, only remove its hooks.
+
+        ``logit_grad``: False when the training forward cannot give dLoss/dz (the trainer has said
+        why once), so the tracer's per-step warning about tokens without a gradient is left out.
+        """
         if error:
             with contextlib.suppress(Exception):
                 self._stack.close()
             return None
-        self._stack.close()
+        with warnings.catch_warnings():
+            if not logit_grad:
+                warnings.filterwarnings("ignore", message="no gradient reached", category=UserWarning)
+            self._stack.close()
         return self.traced.records
