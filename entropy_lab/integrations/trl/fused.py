@@ -15,10 +15,10 @@ one traced micro-batch:
 - **logit-grad.** Tensor hooks on TRL's log-probs and entropies receive, per token, a = dL/d
   log pi_y and b = dL/dH, and ``omega_logit_grad``'s sum_k pi_k l_k g_k follows exactly (below).
 
-Why not the gradient at the hidden states: with z = W h / tau, dL/dh = W^T g / tau is the
-projection of g = dL/dz (V numbers) onto the H-dimensional row space of W; sum_k pi_k l_k g_k
-is the component of g along pi * l, which in general does not lie in that space. The head's
-outputs carry the whole of g instead. TRL's loss depends on z only through log pi_y = z_y -
+Why not the gradient at the hidden states: with z = W h / tau (W the V x H head), dL/dh =
+W^T g / tau loses every part of g = dL/dz orthogonal to the H columns of W, while
+sum_k pi_k l_k g_k is the product of g with pi * l, which is in general not in their span. The
+head's outputs carry the whole of g instead. TRL's loss depends on z only through log pi_y = z_y -
 logsumexp(z) and H = -sum_k pi_k log pi_k (its other outputs carry no gradient), and
 
     d log pi_y / dz_k = [k = y] - pi_k,        dH / dz_k = -pi_k l_k,       l_k = log pi_k + H,
@@ -41,6 +41,9 @@ Deliberate simplifications:
   traced step) and ``omega_logit_grad`` is NaN.
 - The recomputation of the log-probs against TRL's is checked on the first traced micro-batch
   only.
+- The head's matmul is repeated for the traced tokens only; under FSDP2 a head sharded on its
+  own is gathered once per micro-batch on every rank (the tested layout keeps the head in the
+  root module, whose parameters are gathered during the forward anyway).
 
 Reference: TRL 1.16.0 ``trl/trainer/utils.py`` (``add_fused_lm_head``) and
 ``trl/kernels/chunked_logprob.py`` (the outputs of its head and their gradients).
@@ -53,7 +56,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from entropy_lab.errors import EntropyLabWarning
 from entropy_lab.stats import DEFAULT_CHUNK_BYTES, resolve_chunk_bytes, rows_per_chunk, token_stats
@@ -115,6 +120,20 @@ def squared_weighted_surprisal(logits: torch.Tensor, *, chunk_bytes: int | None 
     return out
 
 
+def head_parameters(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's (weight (V, H), bias (V,) or None) as plain tensors.
+
+    An FSDP2-sharded head (wrapped on its own) holds DTensors here: gathered, as TRL's head
+    does, which is a collective, so the caller fetches them on every rank alike.
+    """
+    weight: torch.Tensor = head.weight
+    bias: torch.Tensor | None = getattr(head, "bias", None)
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    return weight, bias
+
+
 class FusedHeadTap:
     """Pre-update logits and the logit-grad term of traced tokens, from TRL's fused-head training forward.
 
@@ -152,8 +171,8 @@ class FusedHeadTap:
             return call()
         tokens = traced.tokens
         located = tokens.locate(list(rows))
-        if located is None:
-            return call()
+        if located is None:  # no traced token here; the hook still runs, so every rank gathers alike
+            located = (torch.zeros(0, dtype=torch.long, device=tokens.device),) * 2
         local, tok = located  # (k,), (k,) row in the micro-batch, traced-token index
         pos = tokens.t_idx[tok] - 1  # (k,) the hidden state at t - 1 predicts token t
         seen = [0]  # rows the backbone has run over: TRL may split the micro-batch into chunks
@@ -163,8 +182,11 @@ class FusedHeadTap:
             hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state  # (r, T, H)
             start, seen[0] = seen[0], seen[0] + hidden.shape[0]
             sel = ((local >= start) & (local < seen[0])).nonzero(as_tuple=True)[0]
+            weight, bias = head_parameters(self.model.get_output_embeddings())  # on every rank
             if len(sel):
-                self._store_logits(traced, hidden.detach()[local[sel] - start, pos[sel]], tok[sel])
+                self._store_logits(
+                    traced, hidden.detach()[local[sel] - start, pos[sel]], tok[sel], weight, bias
+                )
                 stored[sel] = True
 
         handle = self.model.base_model.register_forward_hook(on_backbone)
@@ -186,15 +208,21 @@ class FusedHeadTap:
         return out
 
     @torch.no_grad()
-    def _store_logits(self, traced: TraceStep, hidden: torch.Tensor, tok: torch.Tensor) -> None:
+    def _store_logits(
+        self,
+        traced: TraceStep,
+        hidden: torch.Tensor,
+        tok: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> None:
         """head(hidden) / temperature -> the tracer's pre-update logits of tokens ``tok``; hidden (k, H)."""
-        head = self.model.get_output_embeddings()
-        vocab = int(head.weight.shape[0])
         # Chunks of at least the GPU default: the matmul wants many rows; (k, V) is kept anyway.
         chunk = max(resolve_chunk_bytes(traced.capture.chunk_bytes, hidden.device), DEFAULT_CHUNK_BYTES)
-        step = rows_per_chunk(vocab, chunk)
+        step = rows_per_chunk(int(weight.shape[0]), chunk)
         for s in range(0, len(tok), step):
-            z = head(hidden[s : s + step]) / self.temperature  # (c, V), in the forward's autocast dtype
+            # (c, V): nn.Linear's own computation, in the forward's autocast dtype
+            z = F.linear(hidden[s : s + step], weight, bias) / self.temperature
             traced.capture.store(tok[s : s + step], z)
 
     def _check(self, traced: TraceStep, tok: torch.Tensor, trl_logps: torch.Tensor) -> bool:

@@ -166,12 +166,13 @@ def test_two_process_trace_equals_one_process(tmp_path):
     assert float(np.abs(b.loc[2]["ratio"] - 1).max()) > 1e-3  # the second update is off-policy
 
 
+@pytest.mark.slow  # about 60-80 s on a shared 2-core CPU (two launches)
 def test_two_process_fsdp2_trace_equals_one_process(tmp_path):
     """The same under Accelerate's FSDP2 (fully_shard per decoder layer and at the root, gloo on CPU).
 
     Accelerate 1.16 turns FSDP on for GPU-type devices only (``accelerate launch --use_fsdp`` on CPU
     silently runs DDP), so the child sets Accelerate's state to FSDP2 after building the trainer;
-    ``accelerator.prepare`` then shards the model as it would on GPUs. About 60 s.
+    ``accelerator.prepare`` then shards the model as it would on GPUs.
     """
     a, b = _run_both(tmp_path, fsdp2=True)
     assert (tmp_path / "multi" / "parallel.txt").read_text() == "FSDPQwen2ForCausalLM sharded=True"
