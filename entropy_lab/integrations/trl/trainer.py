@@ -35,7 +35,8 @@ Deliberate simplifications:
   active dropout) the tracer runs its own pre-update forward too and ``omega_logit_grad`` is NaN.
 - The tracer's forwards call the unwrapped model (no DDP buffer broadcast); under
   torch.distributed the tracer itself keeps the ranks' forward counts in step and adds
-  ``rank``. Tested with DDP over gloo (2 CPU processes); FSDP and ZeRO-3 are not tested.
+  ``rank``. Tested with DDP and with Accelerate's FSDP2 over gloo (2 CPU processes); ZeRO-3 is
+  not tested.
 - A traced step prepares its micro-batches at its start instead of one by one; generation runs
   in the same order with the same parameters, so only the RNG draws of active dropout between
   micro-batches could differ (TRL runs without dropout unless the model config has it).
