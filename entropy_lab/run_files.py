@@ -52,7 +52,16 @@ LEDGER = ".entropy-lab-files"
 """Per directory: the files entropy-lab wrote there, with their SHA-256."""
 
 RUN_FILES = frozenset(
-    {MARKER, LEDGER, "config.json", "metrics.parquet", "eval.parquet", "report.md", "report.json", "report.html"}
+    {
+        MARKER,
+        LEDGER,
+        "config.json",
+        "metrics.parquet",
+        "eval.parquet",
+        "report.md",
+        "report.json",
+        "report.html",
+    }
 )
 """Top-level files of a run, each written atomically (through ``<name>.tmp``)."""
 RUN_DIRS = frozenset({"traces", "checkpoints", "figures", "retrace"})

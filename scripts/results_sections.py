@@ -131,7 +131,8 @@ REAL_NOISE = Source(
     file="noise_floor.csv",
 )
 REAL_ETA = Source(
-    "real-lr1e-5/retrace/step_000005-eta-sweep", "entropy-lab trace --run runs/real-lr1e-5 --step 5 --eta-sweep"
+    "real-lr1e-5/retrace/step_000005-eta-sweep",
+    "entropy-lab trace --run runs/real-lr1e-5 --step 5 --eta-sweep",
 )
 REAL_COUPLING = Source(
     "real-coupling",

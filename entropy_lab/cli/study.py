@@ -147,14 +147,17 @@ def noise_floor(
 
 
 class NoiseFloorProgress(ProgressCallback):
-    """Noise-floor callback drawing one bar over the traced settings."""
+    """Noise-floor callback: one phase over the traced settings."""
 
-    def __init__(self, quiet: bool = False):
-        self.progress = progress_bar("setting", quiet)
-        self.task = None
+    def __init__(self, quiet: bool = False, view: ProgressView | None = None):
+        super().__init__("noise floor", quiet, view)
+        self.task: int | None = None
 
-    def __call__(self, event: str, info: dict) -> None:
-        if event == "start":
-            self.task = self.progress.add_task("noise floor", total=info["total"], setting="")
-        elif event == "setting":
-            self.progress.update(self.task, completed=info["done"], setting=info["name"])
+    def on_start(self, info: dict) -> None:
+        self.task = self.view.add("noise floor", total=info["total"], unit="update")
+
+    def on_setting(self, info: dict) -> None:
+        assert self.task is not None
+        self.view.update(self.task, completed=info["done"], status=info["name"])
+        if info["done"] == info.get("total"):
+            self.view.finish(self.task)

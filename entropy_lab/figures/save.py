@@ -18,6 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from entropy_lab.run_files import check_replaceable, record_written
+
 from .style import fit_labels
 
 PNG_DPI = 130

@@ -56,8 +56,8 @@ from entropy_lab.report.html import HTML_NAME, write_html_report
 from entropy_lab.report.json_tables import json_value, report_json
 from entropy_lab.report.load import collect, config_record, load_run_records, read_tables
 from entropy_lab.report.markdown import figure_links, markdown_table
-from entropy_lab.run_files import FIGURE_SUFFIXES, check_real_dir, check_replaceable, record_written
 from entropy_lab.report.tokens import TokenText, find_tokenizer
+from entropy_lab.run_files import FIGURE_SUFFIXES, check_real_dir, check_replaceable, record_written
 from entropy_lab.runs import RunDir, write_text_atomic
 
 __all__ = [

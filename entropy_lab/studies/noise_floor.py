@@ -176,7 +176,7 @@ def run_noise_floor(
                 h = response_stats(trainer.model, ro, cfg.micro_batch_size)["entropy"]  # (B, T)
             idx = records.index.to_frame(index=False).to_numpy()
             fp32_after[setting.name] = h[idx[:, 0], idx[:, 1]].double().cpu().numpy()
-        callback("setting", {"done": i + 1, "name": setting.name})
+        callback("setting", {"done": i + 1, "total": len(settings), "name": setting.name})
     trainer.model.load_state_dict(weights)
     return floor_table(settings, measured, fp32_after)
 

@@ -138,6 +138,20 @@ class PreUpdateCapture:
 
         return hook
 
+    def add_grad_dot(
+        self, token_idx: torch.Tensor, dot: torch.Tensor, stats: TokenStats | None = None
+    ) -> None:
+        """Add ``dot`` (k,) to sum_k pi_k l_k g_k of tokens ``token_idx`` (k,), reduced by the caller.
+
+        For a training forward that never builds dLoss/dz (a fused LM head: the caller derives the
+        sum from the gradient of the head's outputs). ``stats``: the tokens' pre-update statistics
+        when the caller's pass over ``z_before`` produced them, so they are not computed again.
+        """
+        self.grad_dot.index_add_(0, token_idx, dot.double())
+        self.have_grad[token_idx] = True
+        if stats is not None:
+            self._store_pre(token_idx, stats)
+
     def _store_pre(self, token_idx: torch.Tensor, st: TokenStats) -> None:
         for key in ("entropy", "logprob", "collision", "logsumexp"):  # logsumexp: for the post-update pass
             value = getattr(st, key)

@@ -173,6 +173,13 @@ class Annotations:
         """Fill ``values`` ((rows, T) tensors or scalars) for batch rows ``rows`` (default: all)."""
         tok = self.tokens
         B, T = tok.input_ids.shape
+        row_list = list(range(B)) if rows is None else torch.as_tensor(rows).tolist()
+        # The traced tokens of those rows, (k,) each: their index and the row of ``value`` they read.
+        parts = [(i, tok.tokens_of_row[b]) for i, b in enumerate(row_list) if b in tok.tokens_of_row]
+        idx = (
+            torch.cat([p for _, p in parts]) if parts else torch.zeros(0, dtype=torch.long, device=tok.device)
+        )
+        local = torch.cat([torch.full_like(p, i) for i, p in parts]) if parts else torch.zeros_like(idx)
         for key, value in values.items():
             if key not in ANNOTATION_KEYS:
                 raise EntropyLabError(f"unknown annotation {key!r}; valid: {', '.join(ANNOTATION_KEYS)}")
@@ -182,7 +189,6 @@ class Annotations:
                     (tok.n,), float("nan"), dtype=torch.float64, device=tok.device
                 )
             value = torch.as_tensor(value, device=buf.device).detach().double()
-            row_list = list(range(B)) if rows is None else torch.as_tensor(rows).tolist()
             if value.dim() == 0:  # one value for every token of those rows
                 value = value.expand(len(row_list), T)
             if value.dim() != 2 or tuple(value.shape) != (len(row_list), T):
@@ -190,10 +196,7 @@ class Annotations:
                     f"annotation {key!r} must be (rows, T) = ({len(row_list)}, {T}) "
                     f"or a scalar, got {tuple(value.shape)}"
                 )
-            for i, b in enumerate(row_list):
-                idx = tok.tokens_of_row.get(b)
-                if idx is not None:
-                    buf[idx] = value[i, tok.t_idx[idx]]
+            buf[idx] = value[local, tok.t_idx[idx]]
 
     def get(self, key: str, default: torch.Tensor | float) -> torch.Tensor:
         """(n,) float64: the annotated values, ``default`` where none was given."""

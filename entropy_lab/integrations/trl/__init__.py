@@ -5,6 +5,7 @@ TRL, so a missing or unsupported TRL is one clear error line.
 
 - ``trainer``: ``TracedGRPOTrainer``, thin overrides of TRL's methods that delegate to:
 - ``window``: the policy the tracer sees (``TemperedLM``) and a traced step's batch;
+- ``fused``: the pre-update side and logit-grad from TRL's own fused-head training forward;
 - ``annotate``: the per-token terms of the loss, TRL's own mirrored or the project's;
 - ``project_loss``: TRL's loss replaced by a catalogue method's ``compute_loss``.
 - ``losses``: TRL's loss types as per-token terms and normalisers.

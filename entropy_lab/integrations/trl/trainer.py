@@ -30,15 +30,19 @@ the annotations ``annotate``'s, the project's loss ``project_loss``'s.
 
 Deliberate simplifications:
 
-- TRL's fused LM head never materialises the logits, so the tracer measures the policy TRL
-  trains, softmax(z / temperature), with its own forwards (pre-update at the optimizer step,
-  post-update after it): ``omega_logit_grad`` is NaN in TRL traces (the report's decomposition
-  then starts from ``softmax``), and the tracer's extra cost is two no-grad forwards.
-- The tracer's forwards run without TRL's mixed-precision autocast (accelerate's wrapper of the
-  model's forward bypassed), in the weights' dtype: exact fp32 under ``bf16=True`` with fp32 weights.
+- TRL's fused LM head never materialises the logits. The pre-update side is taken from TRL's
+  training forward instead (``fused``: the traced tokens' logits recomputed from the hidden
+  states TRL's head consumes, ``omega_logit_grad`` from the gradients of its log-probs and
+  entropies), so the tracer's extra cost is one no-grad forward, the post-update one over the
+  step's traced rows. Where ``fused`` cannot recompute the head (a logit soft cap or scale,
+  active dropout) the tracer runs its own pre-update forward too and ``omega_logit_grad`` is NaN.
+- The tracer's own forwards run without TRL's mixed-precision autocast (accelerate's wrapper of the
+  model's forward bypassed), in the weights' dtype: exact fp32 under ``bf16=True`` with fp32 weights;
+  under mixed precision the pre-update side is then the tracer's own forward too (``fused`` off).
 - The tracer's forwards call the unwrapped model (no DDP buffer broadcast); under
   torch.distributed the tracer itself keeps the ranks' forward counts in step and adds
-  ``rank``. Tested with DDP over gloo (2 CPU processes); FSDP and ZeRO-3 are not tested.
+  ``rank``. Tested with DDP and with Accelerate's FSDP2 over gloo (2 CPU processes); ZeRO-3 is
+  not tested.
 - A traced step prepares its micro-batches at its start instead of one by one; generation runs
   in the same order with the same parameters, so only the RNG draws of active dropout between
   micro-batches could differ (TRL runs without dropout unless the model config has it).
@@ -54,7 +58,7 @@ References: TRL 1.16.0 ``trl/trainer/grpo_trainer.py``; transformers ``Trainer._
 
 from __future__ import annotations
 
-import warnings
+import functools
 from pathlib import Path
 
 import torch
@@ -65,6 +69,7 @@ from trl import GRPOTrainer
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.integrations.trl._inputs import OLD_ENTROPY_KEY
 from entropy_lab.integrations.trl.annotate import annotate_project_loss, annotate_trl_loss
+from entropy_lab.integrations.trl.fused import FusedHeadTap
 from entropy_lab.integrations.trl.losses import get_loss_type
 from entropy_lab.integrations.trl.methods import TrlSettings, base_config, resolve_trl_method
 from entropy_lab.integrations.trl.project_loss import batch_context, project_loss, select_over_step
@@ -75,8 +80,6 @@ from entropy_lab.objectives.cov_select import uses_global_selection
 from entropy_lab.trace.tracer import EntropyTracer
 
 logger = hf_logging.get_logger(__name__)
-NO_LOGIT_GRAD = "omega_logit_grad is NaN in TRL traces: TRL's fused LM head hands the tracer no logits gradient (expected; the decomposition starts from softmax)"
-"""The one information line about the column TRL traces cannot fill (the tracer's own warning would blame the loop)."""
 
 
 class TracedGRPOTrainer(GRPOTrainer):
@@ -132,6 +135,13 @@ class TracedGRPOTrainer(GRPOTrainer):
         # The tracer's own forwards run without TRL's mixed-precision autocast, in the weights' dtype:
         # under bf16=True with fp32 weights they are exact fp32 (see docs/integrations.md).
         self._traced_model = TemperedLM(base, self.temperature, _no_autocast(self.accelerator.device.type))
+        self._head = FusedHeadTap(base, self.temperature)  # pre-update side from TRL's training forward
+        if self._head.off is None and self.accelerator.mixed_precision != "no":
+            # TRL's training forward runs under autocast: statistics read from it would not be exact
+            self._head.off = (
+                f"TRL trains under {self.accelerator.mixed_precision} mixed precision, so the pre-update "
+                "statistics are not read from its autocast forward"
+            )
         record_cfg = (self._el_cfg or base_config(settings)).replace(
             method=method or f"trl-{settings.loss_type}",
             steps=int(self.args.max_steps),
@@ -158,8 +168,6 @@ class TracedGRPOTrainer(GRPOTrainer):
         self._steer_context: dict = {}
         self._generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.add_callback(_CloseWindow(self))
-        if self._trace_every > 0:
-            logger.info(NO_LOGIT_GRAD)
         self.add_callback(TraceLogCallback(self))  # a traced step's tightness, through args.report_to
 
     # --- schedule -----------------------------------------------------------------------------
@@ -216,9 +224,7 @@ class TracedGRPOTrainer(GRPOTrainer):
         window, self._window = self._window, None
         if window is None:
             return
-        with warnings.catch_warnings():  # expected here, said once at start (NO_LOGIT_GRAD)
-            warnings.filterwarnings("ignore", message="no gradient reached", category=UserWarning)
-            records = window.close()
+        records = window.close(logit_grad=self._head.off is None)
         if "rank" not in records:  # the tracer adds it itself under torch.distributed
             records.insert(0, "rank", int(self.accelerator.process_index))
         self._run.write_trace(window.traced, records, self.accelerator, window.step)
@@ -228,9 +234,22 @@ class TracedGRPOTrainer(GRPOTrainer):
         gen = self._gen_stash is not None and model is self.model and not torch.is_grad_enabled()
         if gen:
             kw["compute_entropy"] = True
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *a, **kw
+        call = functools.partial(
+            super()._get_per_token_logps_and_entropies,
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            *a,
+            **kw,
         )
+        window = self._window
+        if window is not None and self.model.training and torch.is_grad_enabled():  # a traced micro-batch
+            out = self._head.forward(
+                window.traced, window.micro_rows(input_ids), input_ids, logits_to_keep, call
+            )
+        else:
+            out = call()
         if gen and self._gen_stash is not None:
             self._gen_stash.append((out[0], out[1]))
         if self._capture is not None and torch.is_grad_enabled():

@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent(
     from trl import GRPOTrainer
 
     mode, model_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    fsdp2 = len(sys.argv) > 4 and sys.argv[4] == "fsdp2"
 
     class Recording(TracedGRPOTrainer):
         def _generate_and_score_completions(self, inputs):
@@ -71,7 +72,19 @@ SCRIPT = textwrap.dedent(
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     trainer = Recording(model=model, processing_class=tok, reward_funcs=count_reward, args=args, train_dataset=dataset(),
                         trace_every=1)
+    if fsdp2:  # Accelerate enables FSDP on GPU-type devices only: set its state before train() prepares the model
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+        trainer.accelerator.state.distributed_type = DistributedType.FSDP
+        trainer.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Qwen2DecoderLayer"],
+            reshard_after_forward=True, state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+        trainer.is_fsdp_enabled = True
     trainer.train()
+    if mode == "multi" and trainer.accelerator.is_main_process:
+        from torch.distributed.tensor import DTensor
+        sharded = any(isinstance(p, DTensor) for p in trainer.model.parameters())
+        with open(f"{{out}}/parallel.txt", "w") as f:
+            f.write(f"{{type(trainer.model).__name__}} sharded={{sharded}}")
     """
 )
 
@@ -98,12 +111,16 @@ def _keyed(out: Path, mode: str) -> pd.DataFrame:
 
 
 PRE_UPDATE = ("advantage", "ratio", "clip_indicator", "intervention_weight", "normalizer", "weight",
-              "entropy_before", "omega_paper", "omega_softmax", "omega_covariance")  # fmt: skip
+              "logprob", "entropy_before", "omega_paper", "omega_softmax", "omega_logit_grad",
+              "omega_covariance")  # fmt: skip
 POST_UPDATE = ("entropy_after", "delta_entropy", "delta_logit_linear")
 
 
-def _run_both(tmp_path, dtype: str = "float32"):
-    """Run the 2-process and the reference run; their records keyed by (step, token sequence, position)."""
+def _run_both(tmp_path, dtype: str = "float32", fsdp2: bool = False):
+    """Run the 2-process and the reference run; their records keyed by (step, token sequence, position).
+
+    ``fsdp2``: the 2-process run shards the model with Accelerate's FSDP2 instead of DDP.
+    """
     model_dir = tiny_model_dir(tmp_path / "model")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(here=str(HERE), dtype=dtype))
@@ -123,8 +140,9 @@ def _run_both(tmp_path, dtype: str = "float32"):
         ([sys.executable, str(script), "reference"], ref),
     ):
         proc = subprocess.run(
-            cmd + [str(model_dir), str(out)], capture_output=True, text=True, env=env, timeout=600
-        )
+            cmd + [str(model_dir), str(out)] + (["fsdp2"] if fsdp2 and out is multi else []),
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = _keyed(multi, "multi"), _keyed(ref, "reference")
     assert set(a["rank"]) == {0, 1} and set(b["rank"]) == {0}
@@ -139,9 +157,27 @@ def _max_diff(a, b, columns):
 def test_two_process_trace_equals_one_process(tmp_path):
     """About 100 s on a shared 2-core CPU (two launches); fp32 (bf16=False), SGD."""
     a, b = _run_both(tmp_path)
+    assert (tmp_path / "multi" / "parallel.txt").read_text() == "Qwen2ForCausalLM sharded=False"
     diffs = _max_diff(a, b, PRE_UPDATE + POST_UPDATE)
     print("max |2-process - 1-process| over both steps:", diffs)
     for col, diff in diffs.items():
         assert diff <= 1e-5 + 1e-4 * float(np.abs(b[col]).max()), (col, diff)
     assert float(np.abs(b["delta_entropy"]).max()) > 1e-3  # the updates moved the entropies
     assert float(np.abs(b.loc[2]["ratio"] - 1).max()) > 1e-3  # the second update is off-policy
+
+
+@pytest.mark.slow  # about 60-80 s on a shared 2-core CPU (two launches)
+def test_two_process_fsdp2_trace_equals_one_process(tmp_path):
+    """The same under Accelerate's FSDP2 (fully_shard per decoder layer and at the root, gloo on CPU).
+
+    Accelerate 1.16 turns FSDP on for GPU-type devices only (``accelerate launch --use_fsdp`` on CPU
+    silently runs DDP), so the child sets Accelerate's state to FSDP2 after building the trainer;
+    ``accelerator.prepare`` then shards the model as it would on GPUs.
+    """
+    a, b = _run_both(tmp_path, fsdp2=True)
+    assert (tmp_path / "multi" / "parallel.txt").read_text() == "FSDPQwen2ForCausalLM sharded=True"
+    diffs = _max_diff(a, b, PRE_UPDATE + POST_UPDATE)
+    print("FSDP2: max |2-process - 1-process| over both steps:", diffs)
+    for col, diff in diffs.items():
+        assert diff <= 1e-5 + 1e-4 * float(np.abs(b[col]).max()), (col, diff)
+    assert float(np.abs(b["delta_entropy"]).max()) > 1e-3

@@ -9,6 +9,8 @@ without KL or entropy terms, d loss / d log pi_a of a token is -w = -I_clip r A 
 
 from __future__ import annotations
 
+import warnings
+
 import pandas as pd
 import pytest
 import torch
@@ -28,6 +30,16 @@ class GradCapture(TracedGRPOTrainer):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.neg_grads: dict[tuple[int, int, int], float] = {}
+        self.logps: dict[tuple[int, int, int], float] = {}  # TRL's fused-head log-probs, same keys
+        self.tracer_rows: dict[int, int] = {}  # rows the tracer's own forwards ran over, per step
+        forward = self._traced_model.forward
+
+        def counted(input_ids, *a, **kw):
+            step = self.state.global_step + 1  # the optimizer step under way
+            self.tracer_rows[step] = self.tracer_rows.get(step, 0) + input_ids.shape[0]
+            return forward(input_ids, *a, **kw)
+
+        self._traced_model.forward = counted
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
         out = super()._get_per_token_logps_and_entropies(
@@ -37,6 +49,10 @@ class GradCapture(TracedGRPOTrainer):
         if window is not None and torch.is_grad_enabled() and out[0].requires_grad:
             m, step = window.micro, window.step
             start, plen = window.offsets[m], window.prompt_len[m]
+
+            for i in range(out[0].shape[0]):
+                for j in range(out[0].shape[1]):
+                    self.logps[(step, start + i, plen + j)] = float(out[0][i, j].detach())
 
             def hook(grad):
                 for i in range(grad.shape[0]):
@@ -97,9 +113,43 @@ def _check_weights(trainer, out, off_policy: bool = True):
         diff = float((df["weight"] - expected).abs().max())
         print(f"{f.name}: max |weight + dloss/dlogp| {diff:.2e} (max |weight| {scale:.2e})")
         assert diff <= 1e-5 * scale, (f.name, diff, scale)
+        # The pre-update side came from TRL's own forward: its log-probs, and logit-grad, which for
+        # a weighted log-prob loss (no KL, no entropy term) equals the softmax estimator.
+        keys = list(zip(df["sample"].astype(int), df["position"].astype(int), strict=True))
+        trl_logps = pd.Series([trainer.logps[(step, s, p)] for s, p in keys], index=df.index)
+        assert float((df["logprob"] - trl_logps).abs().max()) <= 1e-5
+        lg, sm = df["omega_logit_grad"], df["omega_softmax"]
+        assert lg.notna().all() and float(sm.abs().max()) > 0
+        assert float((lg - sm).abs().max()) <= 1e-5 * float(sm.abs().max()), f.name
+        # One no-grad forward of the tracer per traced step: the post-update pass over the step's rows.
+        assert trainer.tracer_rows[step] == df["sample"].nunique(), (step, trainer.tracer_rows)
     if off_policy:
         last, _ = load_records(files[-1])
         assert (last["ratio"] - 1).abs().max() > 1e-3  # the second update is off-policy: ratios moved
+
+
+def test_without_the_fused_head_tap_the_tracer_forwards_twice_and_says_why_once(model_dir, tmp_path):
+    """The fallback (a head the tap cannot recompute): the tracer's own pre-update forward, NaN logit-grad."""
+
+    class TapOff(GradCapture):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._head.off = "the reason this test gives"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _train(model_dir, tmp_path, cls=TapOff, learning_rate=0.3)
+    messages = [str(w.message) for w in caught]
+    assert sum("the reason this test gives" in m for m in messages) == 1
+    assert not any("no gradient reached" in m for m in messages)  # the reason was given; no per-step blame
+    for f in RunDir(tmp_path).trace_files():
+        df, _ = load_records(f)
+        step = int(df["step"].iloc[0])
+        assert df["omega_logit_grad"].isna().all()
+        assert trainer.tracer_rows[step] == 2 * df["sample"].nunique()  # pre- and post-update forwards
+        keys = zip(df["sample"].astype(int), df["position"].astype(int), strict=True)
+        trl_logps = pd.Series([trainer.logps[(step, s, p)] for s, p in keys], index=df.index)
+        assert float((df["logprob"] - trl_logps).abs().max()) <= 1e-5
 
 
 def test_logged_entropy_is_the_tracers_entropy_before(model_dir, tmp_path):

@@ -112,6 +112,20 @@ def test_step_batch_pads_micro_batches_to_one_batch():
     assert window.close() == "records" and tracer.exited == 1
 
 
+def test_micro_rows_name_the_rows_of_the_current_micro_batch_only():
+    window = TracedStepBatch(_micro_batches(), step=1, update=0, tracer=_Tracer(), pad_id=PAD)
+    first = torch.tensor(
+        [[1, 2, 5, 6], [3, 4, 7, 0]]
+    )  # micro-batch 0, its own width (prompt 2 + completion 2)
+    assert window.micro_rows(first) is None  # no micro-batch is being computed yet
+    window.micro = 0
+    assert window.micro_rows(first) == [0, 1]
+    assert window.micro_rows(first.flip(0)) is None  # other rows
+    window.micro = 1
+    assert window.micro_rows(torch.tensor([[8, 1, 2, 3, 4]])) == [2]
+    assert window.micro_rows(first) is None
+
+
 def test_old_logprobs_on_some_micro_batches_only_is_one_clear_error():
     with pytest.raises(EntropyLabError, match="old log-probs for some micro-batches"):
         TracedStepBatch(_micro_batches(old=False), step=1, update=0, tracer=_Tracer(), pad_id=PAD)
