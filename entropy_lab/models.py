@@ -223,11 +223,12 @@ def warm_start(
     they are (``cache_dir`` or ``asset``).
     """
     tokenizer = build_char_tokenizer(task.alphabet())
-    found = locate_warm_start(task, spec, arch, asset_dir)
+    found = locate_warm_start(task, spec=spec, arch=arch, asset_dir=asset_dir)
     where = cache_root() / "warmstart" / found.name
     if use_cache and found.source == "cache":
         model, tok = load_policy(where)
-        return model, tok, json.loads((where / "info.json").read_text())
+        # where it is now (an entry may have been copied from another cache)
+        return model, tok, {**json.loads((where / "info.json").read_text()), "cache_dir": str(where)}
     if use_cache and found.source == "shipped":
         weights, record = warm_starts.read_asset(found.path)
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # its random init is replaced

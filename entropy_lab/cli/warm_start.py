@@ -44,12 +44,21 @@ def warm_start_command(
 
     quiet_transformers()
     tasks = [get_task(name) for name in (task or models.DEFAULT_WARM_START_TASKS)]
-    rows = []
+    rows, where = [], []
     for t in tasks:
         found = models.locate_warm_start(t)
         source = "build" if rebuild else found.source
         started = time.perf_counter()
-        info = _load_or_train(t, rebuild, quiet)
+        if source == "build":
+            info = _train(t, rebuild, quiet)
+        else:
+            info = models.warm_start(t)[2]
+        entry = models.cache_root() / "warmstart" / found.name
+        sha = (
+            info["sha256"]
+            if source == "shipped"
+            else warm_starts.sha256_file(entry / warm_starts.WEIGHTS_FILE)
+        )
         if export is not None:
             record = models.export_warm_start(t, export)
             console.print(f"wrote {record} and {record.with_suffix('.safetensors').name}", highlight=False)
@@ -62,19 +71,20 @@ def warm_start_command(
                 "steps": info["steps"],
                 "pass@1": info["pass@1"],
                 "entropy": info["entropy"],
-                "sha256": str(info.get("sha256", "-"))[:12],
+                "sha256": sha[:12],
                 "vs shipped": "-"
                 if shipped_sha is None
-                else ("identical" if info.get("sha256") == shipped_sha else "differs"),
+                else ("identical" if sha == shipped_sha else "differs"),
                 "seconds": round(time.perf_counter() - started, 1),
-                "where": info.get("cache_dir") or info.get("asset"),
             }
         )
+        where.append(f"{t.name}: {found.path if source == 'shipped' else entry}")
     print_table(pd.DataFrame(rows), "warm starts")
+    console.print("\n".join(where), highlight=False, soft_wrap=True)
 
 
-def _load_or_train(task, rebuild: bool, quiet: bool) -> dict:
-    """The warm start's ``info``; a bar while it trains; Ctrl-C says how to continue."""
+def _train(task, rebuild: bool, quiet: bool) -> dict:
+    """The warm start's ``info``, trained now (resuming a checkpoint) under a bar; Ctrl-C says how to continue."""
     from entropy_lab import models
 
     with progress_bar("stats", quiet) as bar:
