@@ -149,7 +149,7 @@ class SFTCheckpoint:
             "info": info,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # two builds never share one
         torch.save(state, tmp)
         os.replace(tmp, self.path)
 
