@@ -4,7 +4,10 @@ The default policy is a small Qwen2-family causal LM built from a config (random
 over the task's character tokenizer, warm-started by supervised training on the task's
 demonstrations (uniformly drawn correct answers, so the warm start is diverse) until its
 sampled pass@1 first reaches ``target_pass`` (or ``max_steps``). RL then has something to
-sharpen. The warm start is cached on disk, keyed by everything that determines it.
+sharpen. A warm start is keyed by everything that determines it (``warm_start_recipe``) and
+found, in this order, in the user cache (a rebuilt one), among the package's shipped assets
+(``entropy_lab.warm_starts``), or trained then and cached; training checkpoints itself under the
+cache and resumes after a kill.
 
 Simplifications: the warm start is stopped by a pass@1 threshold measured on a fixed
 probe set of training problems, not tuned per method; dropout is off in every policy
@@ -27,6 +30,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from entropy_lab import warm_starts
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.stats import gather_logprobs
@@ -150,55 +154,159 @@ def _demo_batch(task: Task, tokenizer, n: int, rng: np.random.Generator):
     return ids, attn, loss_mask
 
 
+DEFAULT_WARM_START_TASKS = ("countdown", "arithmetic")
+"""The tasks whose default warm starts ship in the package."""
+
+
+def warm_start_recipe(
+    task: Task, spec: WarmStartSpec = WarmStartSpec(), arch: TinyPolicySpec = TinyPolicySpec()
+) -> dict:
+    """Everything that determines a warm start: the task's generator, the SFT recipe, the architecture."""
+    return {
+        "task": task.name,
+        # the generator's settings (number ranges, operators ...): a changed task retrains
+        "task_settings": {k: v for k, v in vars(task).items() if isinstance(v, (int, float, str, bool))},
+        "alphabet": task.alphabet(),
+        "spec": asdict(spec),
+        "arch": asdict(arch),
+        "transformers": transformers.__version__.split(".")[0],
+        "v": 1,
+    }
+
+
+def warm_start_name(recipe: dict) -> str:
+    """``task-key``: the name of a warm start in the cache and among the shipped assets."""
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{recipe['task']}-{key}"
+
+
+class WarmStartLocation(NamedTuple):
+    """Where ``warm_start`` finds a warm start: ``source`` is "cache", "shipped" or "build"."""
+
+    name: str  # task-key
+    source: str
+    path: Path  # the cache entry, or the shipped record (NAME.json); for "build", the entry to write
+
+
+def locate_warm_start(
+    task: Task,
+    spec: WarmStartSpec = WarmStartSpec(),
+    arch: TinyPolicySpec = TinyPolicySpec(),
+    asset_dir: Path = warm_starts.ASSET_DIR,
+) -> WarmStartLocation:
+    """The user cache (a rebuilt warm start) first, then the shipped asset, else a build."""
+    name = warm_start_name(warm_start_recipe(task, spec, arch))
+    entry = cache_root() / "warmstart" / name
+    if (entry / "info.json").is_file():
+        return WarmStartLocation(name, "cache", entry)
+    record = warm_starts.shipped_record(name, asset_dir)
+    if record is not None:
+        return WarmStartLocation(name, "shipped", record)
+    return WarmStartLocation(name, "build", entry)
+
+
 def warm_start(
     task: Task,
     spec: WarmStartSpec = WarmStartSpec(),
     arch: TinyPolicySpec = TinyPolicySpec(),
     progress=None,
     use_cache: bool = True,
+    checkpoint_every: int = 50,
+    asset_dir: Path = warm_starts.ASSET_DIR,
 ):
-    """(model, tokenizer, info) of the supervised warm start for a built-in ``task``; cached.
+    """(model, tokenizer, info) of the supervised warm start for a built-in ``task``.
 
-    ``info`` holds the measured sampled pass@1 and mean response-token entropy at the
-    end, the number of SFT steps, and the cache directory. ``progress`` is called after
-    every SFT step with {"step", "total", "loss", "pass@1", "target"} (``load_policy_and_task``).
+    Found as ``locate_warm_start`` says; ``use_cache=False`` trains it again (a rebuild) and
+    replaces the cache entry. Training saves a checkpoint every ``checkpoint_every`` SFT steps
+    (0: never) and resumes from it. ``info`` holds the measured sampled pass@1 and mean
+    response-token entropy at the end, the number of SFT steps, the weights' SHA-256 and where
+    they are (``cache_dir`` or ``asset``). ``progress`` is called after every SFT step with
+    {"step", "total", "loss", "pass@1", "target"} (``load_policy_and_task``).
     """
     tokenizer = build_char_tokenizer(task.alphabet())
-    key_src = json.dumps(
-        {
-            "task": task.name,
-            # the generator's settings (number ranges, operators ...): a changed task retrains
-            "task_settings": {k: v for k, v in vars(task).items() if isinstance(v, (int, float, str, bool))},
-            "alphabet": task.alphabet(),
-            "spec": asdict(spec),
-            "arch": asdict(arch),
-            "transformers": transformers.__version__.split(".")[0],
-            "v": 1,
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    where = cache_root() / "warmstart" / f"{task.name}-{key}"
-    if use_cache and (where / "info.json").is_file():
+    found = locate_warm_start(task, spec=spec, arch=arch, asset_dir=asset_dir)
+    where = cache_root() / "warmstart" / found.name
+    if use_cache and found.source == "cache":
         model, tok = load_policy(where)
-        return model, tok, json.loads((where / "info.json").read_text())
+        # where it is now (an entry may have been copied from another cache)
+        return model, tok, {**json.loads((where / "info.json").read_text()), "cache_dir": str(where)}
+    if use_cache and found.source == "shipped":
+        weights, record = warm_starts.read_asset(found.path)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # its random init is replaced
+            model = build_tiny_policy(tokenizer, arch, seed=spec.seed)
+        warm_starts.load_weights(model, weights, found.path)
+        info = {k: record[k] for k in ("steps", "sft_loss", "pass@1", "entropy", "sha256")}
+        return model.eval(), tokenizer, {**info, "asset": str(found.path)}
 
+    checkpoint = warm_starts.SFTCheckpoint(where.with_name(found.name + ".resume.pt"), checkpoint_every)
     with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # leave the caller's RNG alone
-        model, info = _supervised_warm_start(task, tokenizer, spec, arch, progress)
+        model, info = _supervised_warm_start(task, tokenizer, spec, arch, progress, checkpoint)
     info["cache_dir"] = str(where)
     tmp = where.with_name(where.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    info["sha256"] = warm_starts.sha256_file(tmp / warm_starts.WEIGHTS_FILE)
+    info["built_with"] = warm_starts.build_platform()
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(where, ignore_errors=True)
     tmp.rename(where)
+    checkpoint.remove()
     # Hand back the saved copy, loaded, so a fresh and a cached warm start are the same object.
     model, tokenizer = load_policy(where)
     return model, tokenizer, info
 
 
-def _supervised_warm_start(task: Task, tokenizer, spec: WarmStartSpec, arch: TinyPolicySpec, progress):
+def export_warm_start(
+    task: Task,
+    out_dir: Path,
+    spec: WarmStartSpec = WarmStartSpec(),
+    arch: TinyPolicySpec = TinyPolicySpec(),
+) -> Path:
+    """Write the cached warm start of ``task`` as a shipped asset into ``out_dir``; returns its record.
+
+    The record holds the recipe, the seed, the steps and pass@1 reached (on ``probe_prompts``
+    training problems drawn with seed ``seed + 1``, one sample each at temperature 1), the
+    weights' SHA-256 and the platform that built them.
+    """
+    recipe = warm_start_recipe(task, spec, arch)
+    name = warm_start_name(recipe)
+    entry = cache_root() / "warmstart" / name
+    if not (entry / "info.json").is_file():
+        raise EntropyLabError(
+            f"there is no cached warm start {name} to export; build it first: "
+            f"entropy-lab warm-start --task {task.name} --rebuild"
+        )
+    info = json.loads((entry / "info.json").read_text())
+    sha = warm_starts.sha256_file(entry / warm_starts.WEIGHTS_FILE)
+    if info.get("sha256", sha) != sha:
+        raise EntropyLabError(f"the cached warm start {entry} changed after it was written; rebuild it")
+    record = {
+        "task": task.name,
+        "name": name,
+        "recipe": recipe,
+        "seed": spec.seed,
+        **{k: info[k] for k in ("steps", "sft_loss", "pass@1", "entropy")},
+        "pass@1_measured_on": {
+            "problems": spec.probe_prompts,
+            "problem_seed": spec.seed + 1,
+            "sampling_seed": spec.seed,
+            "temperature": 1.0,
+        },
+        "sha256": sha,
+        "built_with": info.get("built_with", {}),
+    }
+    return warm_starts.write_asset(entry, name, record, out_dir)
+
+
+def _supervised_warm_start(
+    task: Task,
+    tokenizer,
+    spec: WarmStartSpec,
+    arch: TinyPolicySpec,
+    progress,
+    checkpoint: warm_starts.SFTCheckpoint | None = None,
+):
     """Train the tiny policy on demonstrations until sampled pass@1 >= spec.target_pass: (model, info)."""
     from entropy_lab.rollout import evaluate_sampled  # the rollout module imports this one
 
@@ -207,7 +315,11 @@ def _supervised_warm_start(task: Task, tokenizer, spec: WarmStartSpec, arch: Tin
     rng = np.random.default_rng(spec.seed)
     probe = task.sample(spec.probe_prompts, np.random.default_rng(spec.seed + 1))
     info: dict = {"steps": 0}
-    for step in range(1, spec.max_steps + 1):
+    first = 1
+    state = checkpoint.load() if checkpoint is not None else None
+    if checkpoint is not None and state is not None:
+        first, info = checkpoint.restore(state, model, opt, rng), state["info"]
+    for step in range(first, spec.max_steps + 1):
         ids, attn, loss_mask = _demo_batch(task, tokenizer, spec.batch_size, rng)
         logits = model(input_ids=ids, attention_mask=attn).logits  # (n, T, V)
         lp = gather_logprobs(logits[:, :-1], ids[:, 1:])  # (n, T-1)
@@ -232,6 +344,8 @@ def _supervised_warm_start(task: Task, tokenizer, spec: WarmStartSpec, arch: Tin
             )
         if measured is not None and measured >= spec.target_pass:
             break
+        if checkpoint is not None and checkpoint.due(step):
+            checkpoint.save(step, model, opt, rng, info)
     return model, info
 
 

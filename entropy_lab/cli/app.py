@@ -1,4 +1,4 @@
-"""The `entropy-lab` command: train, methods, trace, compare, figures."""
+"""The `entropy-lab` command: train, methods, trace, compare, figures, warm-start, study."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from entropy_lab.cli.methods import methods
 from entropy_lab.cli.study import study_app
 from entropy_lab.cli.trace import trace
 from entropy_lab.cli.train import train
+from entropy_lab.cli.warm_start import warm_start_command
 
 app = typer.Typer(
     name="entropy-lab",
@@ -46,6 +47,7 @@ app.command()(methods)
 app.command()(trace)
 app.command()(compare)
 app.command()(figures)
+app.command("warm-start")(warm_start_command)
 app.add_typer(study_app, name="study")
 
 
