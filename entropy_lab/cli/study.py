@@ -122,6 +122,9 @@ def noise_floor(
     step: Annotated[int | None, typer.Option(help="Checkpoint step to start from (default: latest).")] = None,
     lr: Annotated[str, typer.Option(help="Learning rates of the traced updates (default: the run's).")] = "",
     bf16: Annotated[bool, typer.Option(help="Also trace each update under bf16 autocast.")] = True,
+    prompts: Annotated[
+        int | None, typer.Option(help="Prompts in the rollout batch (default: the run's).")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default: RUN/noise-floor-step_N).")
     ] = None,
@@ -141,7 +144,9 @@ def noise_floor(
     quiet_transformers()
     start = time.perf_counter()
     with NoiseFloorProgress(quiet) as progress:
-        table, paths = write_noise_floor(rd, target, step=step, lrs=lrs, bf16=bf16, callback=progress)
+        table, paths = write_noise_floor(
+            rd, target, step=step, lrs=lrs, bf16=bf16, prompts=prompts, callback=progress
+        )
     print_table(table, "noise floor of delta_entropy: each update against the fp32 update of its lr")
     console.print(f"{time.perf_counter() - start:.0f} s; wrote {', '.join(str(p) for p in paths)}")
 

@@ -60,11 +60,11 @@ class Setting:
 
 
 def settings_for(lrs: Sequence[float], bf16: bool = True) -> list[Setting]:
-    """Zero steps first, then per learning rate fp32 and (optionally) bf16."""
+    """The fp32 zero step and each learning rate in fp32, then (optionally) the same under bf16."""
     precisions = ("fp32", "bf16") if bf16 else ("fp32",)
-    out = [Setting(f"zero-{p}", 0.0, p) for p in precisions]
-    for lr in lrs:
-        out += [Setting(f"lr{lr:g}-{p}", float(lr), p) for p in precisions]
+    out = []
+    for p in precisions:  # fp32 first: bf16 autocast is slow on CPUs without bf16 matmul units
+        out += [Setting(f"zero-{p}", 0.0, p)] + [Setting(f"lr{lr:g}-{p}", float(lr), p) for lr in lrs]
     return out
 
 
@@ -117,7 +117,9 @@ def run_noise_floor(
     step: int | None = None,
     lrs: Sequence[float] | None = None,
     bf16: bool = True,
+    prompts: int | None = None,
     callback: Callback | None = None,
+    on_table: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
     """Trace every setting of ``settings_for`` from the checkpoint at ``step``; returns the table.
 
@@ -127,7 +129,9 @@ def run_noise_floor(
         step: the checkpoint's step (default: the latest).
         lrs: learning rates of the traced updates (default: the run's own).
         bf16: also trace each setting under bf16 autocast.
-        callback: gets ("start", {"total"}) and ("setting", {"done", "name"}) events.
+        prompts: prompts of the rollout batch (default: the run's ``prompts_per_step``).
+        callback: gets ("start", {"total"}) and ("setting", {"done", "total", "name"}) events.
+        on_table: gets the table of the settings done so far after each one (so a stopped study keeps them).
 
     Returns:
         One row per setting (``floor_row``).
@@ -143,6 +147,8 @@ def run_noise_floor(
     ckpt = run.find_checkpoint(step)
     base: TrainConfig = run.train_config()
     cfg = base.replace(model=str(ckpt / "model"), trace_every=1, dtype="float32", trace_eta_grid=None)
+    if prompts:
+        cfg = cfg.replace(prompts_per_step=prompts)
     settings = settings_for(lrs or (base.lr,), bf16)
     out = Path(out)
     trainer = Trainer(cfg, out / settings[0].name)
@@ -176,6 +182,8 @@ def run_noise_floor(
                 h = response_stats(trainer.model, ro, cfg.micro_batch_size)["entropy"]  # (B, T)
             idx = records.index.to_frame(index=False).to_numpy()
             fp32_after[setting.name] = h[idx[:, 0], idx[:, 1]].double().cpu().numpy()
+        if on_table is not None:
+            on_table(floor_table(settings[: i + 1], measured, fp32_after))
         callback("setting", {"done": i + 1, "total": len(settings), "name": setting.name})
     trainer.model.load_state_dict(weights)
     return floor_table(settings, measured, fp32_after)
@@ -191,7 +199,7 @@ def floor_table(
         dh = rec["delta_entropy"].to_numpy(np.float64)
         ref_name = f"lr{s.lr:g}-fp32" if s.lr > 0 else "zero-fp32"
         reference = None
-        if s.lr > 0 and ref_name in measured and ref_name != s.name:
+        if s.lr > 0 and ref_name in measured and ref_name != s.name:  # bf16 rows against fp32
             ref = measured[ref_name].reindex(rec.index)
             reference = ref["delta_entropy"].to_numpy(np.float64)
         fp32_meas = None
@@ -204,8 +212,10 @@ def floor_table(
 
 def write_noise_floor(run: RunDir, out: Path, **kwargs) -> tuple[pd.DataFrame, list[Path]]:
     """``run_noise_floor`` and its table, written as ``<out>/noise_floor.csv``."""
-    table = run_noise_floor(run, out, **kwargs)
-    out = Path(out)
-    csv = out / f"{TABLE_NAME}.csv"
-    write_text_atomic(table.to_csv(index=False), csv)
+    csv = Path(out) / f"{TABLE_NAME}.csv"
+
+    def save(table: pd.DataFrame) -> None:
+        write_text_atomic(table.to_csv(index=False), csv)
+
+    table = run_noise_floor(run, out, on_table=save, **kwargs)
     return table, [csv]
