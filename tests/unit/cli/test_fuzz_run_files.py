@@ -5,7 +5,8 @@ For each kind (config.json, a trace file, metrics.parquet, eval.parquet, a check
 generators: truncation, flipped, inserted and deleted bytes, wrong JSON types, deep nesting,
 huge and non-finite values, missing and unknown keys; for Parquet files also columns of the
 wrong dtype, out-of-range and non-finite values, dropped columns and damaged metadata. Each
-case runs in-process through the CLI and must end with exit code 2 and exactly one line on
+case runs in-process through the CLI (``figures --run``, ``trace --run`` on the checkpoint,
+``train --resume``) and must end with exit code 2 and exactly one line on
 stderr, ``error: ...``, and leave every file outside the run directory unchanged.
 
 A corruption can leave a valid file (a flipped digit inside a float, whitespace in JSON). Exit
@@ -335,27 +336,29 @@ def manifest_valid(path: Path, original: bytes) -> bool:
 # --- the kinds ---------------------------------------------------------------------------------------
 
 KINDS = {
-    # kind: (file in the run, command, corruption, check of an accepted file, whether traces stay);
-    # without traces a report skips the trace tables, which only the trace kind needs to reach
-    "config.json": ("config.json", "figures --run {run}", "json", config_valid, False),
-    "trace": ("traces/step_000001.parquet", "trace --run {run}", "parquet", trace_valid, True),
-    "metrics": ("metrics.parquet", "figures --run {run}", "parquet", steps_table_valid, False),
-    "eval": ("eval.parquet", "figures --run {run}", "parquet", steps_table_valid, False),
+    # kind: (file in the run, command, corruption, check of an accepted file, what the run copy keeps);
+    # a copy without traces makes a report skip the trace tables, which only the trace kind needs
+    "config.json": ("config.json", "figures --run {run}", "json", config_valid, "tables"),
+    "trace": ("traces/step_000001.parquet", "figures --run {run}", "parquet", trace_valid, "traces"),
+    "metrics": ("metrics.parquet", "figures --run {run}", "parquet", steps_table_valid, "tables"),
+    "eval": ("eval.parquet", "figures --run {run}", "parquet", steps_table_valid, "tables"),
     "manifest": (
         "checkpoints/step_000002/checkpoint.json",
         "trace --run {run}/checkpoints/step_000002",
         "json",
         manifest_valid,
-        True,
+        "all",
     ),
     "resume-config": (
         "config.json",
         "train {base} --steps 2 --out {run} --resume",
         "json",
         config_valid,
-        True,
+        "all",
     ),
 }
+LEFT_OUT = {"tables": ("traces", "checkpoints"), "traces": ("checkpoints",), "all": ()}
+"""What a run copy leaves out, by what it keeps."""
 
 
 def tree_hash(root: Path, skip: Path) -> dict[str, str]:
@@ -376,9 +379,9 @@ def test_corrupted_run_files_end_in_one_error_line(kind, trained, tmp_path, no_f
     command_object = typer.main.get_command(app)  # built once, not once per case
     monkeypatch.setattr(typer.testing, "_get_command", lambda _: command_object)
     model, source = trained
-    rel, command, corruption, valid, traces = KINDS[kind]
-    if not traces:
-        shutil.copytree(source, tmp_path / "source", ignore=shutil.ignore_patterns("traces"))
+    rel, command, corruption, valid, keeps = KINDS[kind]
+    if LEFT_OUT[keeps]:
+        shutil.copytree(source, tmp_path / "source", ignore=shutil.ignore_patterns(*LEFT_OUT[keeps]))
         source = tmp_path / "source"
     original = (source / rel).read_bytes()
     run = tmp_path / "run"
