@@ -1,7 +1,8 @@
 """The trace record: one row per traced response token (docs/theory.md section 10).
 
-Column names are a public contract. A trace file is Parquet, one per traced update
-(or per step), with the run configuration as JSON in the file's schema metadata.
+Column names are a public contract, and so are their dtypes and bounds (``validate_records``,
+checked on every save and load: a trace file is untrusted data). A trace file is Parquet, one
+per traced update (or per step), with the run configuration as JSON in the file's schema metadata.
 The ``predicted`` group lists the built-in estimators' columns, which every record
 has; records may carry more columns: one ``omega_<name>`` per further registered
 estimator, the ``regime@<eta>:<quantity>`` columns of an eta sweep, and any other column

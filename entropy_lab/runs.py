@@ -9,7 +9,8 @@
     runs/<name>/figures/, report.md, report.json, retrace-*/ (runs traced from a checkpoint)
 
 Every file is written under a temporary name and renamed into place, so a killed run
-leaves either the old or the new version, never half of one.
+leaves either the old or the new version, never half of one. Every file is checked when read
+(``entropy_lab.untrusted``): config.json as a ``TrainConfig``, the tables' steps and dtypes.
 
 Safety: ``check_target`` refuses an unusable output directory before anything is loaded
 or deleted; replacing a run (``--overwrite``) removes only a directory that carries the

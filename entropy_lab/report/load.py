@@ -34,8 +34,9 @@ def load_run_records(run: RunDir, label: str | None = None) -> pd.DataFrame:
         "unknown").
 
     Raises:
-        EntropyLabError: the run has no trace files, or one of them is unreadable or lacks
-            columns of the record contract (the message names the file).
+        EntropyLabError: the run has no trace files, or one of them is unreadable, breaks the
+            record contract or holds records of another step than its name (the message names
+            the file).
     """
     files = run.trace_files()
     if not files:
