@@ -9,7 +9,9 @@ A checkpoint directory ``checkpoints/step_XXXXXX/`` holds
 Loading never unpickles code: ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``,
 which admits tensors and plain containers only, so a crafted file is refused with one line
 instead of executing. The manifest detects a damaged (truncated, overwritten) file before
-anything is loaded, so ``--resume`` can fall back to the previous checkpoint.
+anything is loaded, so ``--resume`` can fall back to the previous checkpoint. The manifest is
+untrusted data too (``read_manifest``): its paths must stay inside the checkpoint folder, it must
+list the state and the weights, and the folder must hold nothing it does not list.
 
 Writes go to ``step_XXXXXX.tmp`` and are renamed into place; a replaced checkpoint is first
 renamed to ``.old``, so at every moment each step has a complete checkpoint or none.
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.untrusted import read_json
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "checkpoint.json"
@@ -118,23 +121,84 @@ def save_checkpoint(final: Path, model, tokenizer, state: dict) -> Path:
 # --- reading -------------------------------------------------------------------------------------
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+"""Largest manifest read (1 MiB; a sharded 70B model's lists a few hundred files)."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _step_of(path: Path) -> int | None:
+    digits = path.name.removeprefix("step_")
+    return int(digits) if path.name.startswith("step_") and digits.isdigit() else None
+
+
+def _confined(root: Path, rel: object) -> bool:
+    """``rel`` names a file inside ``root``: relative, no ``..``, and no link that leads out of it."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
+        return False
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return False
+    return (root / rel).resolve().is_relative_to(root.resolve())
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    """The checked manifest of checkpoint ``path``: relative file path -> SHA-256; a CheckpointError if unusable.
+
+    The manifest must be a JSON object (``untrusted.read_json``: size and depth limits) whose ``step``
+    is the directory's step and whose ``files`` map paths confined to the checkpoint folder (no
+    absolute path, no ``..``, no link out of it) to SHA-256 digests; it lists the trainer state, the
+    model's config.json and its safetensors weights, and every file the folder holds.
+    """
+    manifest_path = path / MANIFEST_FILE
+    try:
+        manifest = read_json(
+            manifest_path, what="checkpoint manifest", max_bytes=MAX_MANIFEST_BYTES, max_depth=4
+        )
+    except EntropyLabError as exc:
+        raise CheckpointError(str(exc)) from None
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint manifest {manifest_path} is damaged: {why}")
+
+    unknown = sorted(set(manifest) - {"step", "files"})
+    if unknown:
+        raise bad(f"it has entries entropy-lab does not write ({', '.join(map(repr, unknown[:3]))})")
+    step, files = manifest.get("step"), manifest.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad(f"its step is {step!r}, not a step number")
+    if _step_of(path) is not None and step != _step_of(path):
+        raise bad(f"it is the manifest of step {step}, not of {path.name}")
+    if not isinstance(files, dict) or not files:
+        raise bad("it lists no files")
+    for rel, digest in files.items():
+        if not _confined(path, rel):
+            raise bad(f"it names {rel!r}, which is not a path inside the checkpoint folder")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise bad(f"the digest of {rel} is {str(digest)[:80]!r}, not a SHA-256")
+    required = [STATE_FILE, f"{MODEL_DIR}/config.json"]
+    missing = [f for f in required if f not in files]
+    if not any(f.startswith(f"{MODEL_DIR}/") and f.endswith(".safetensors") for f in files):
+        missing.append(f"{MODEL_DIR}/*.safetensors")
+    if missing:
+        raise bad(f"it does not list {', '.join(missing)}")
+    unlisted = [str(p.relative_to(path)) for p in _files(path) if str(p.relative_to(path)) not in files]
+    if unlisted:
+        raise CheckpointError(
+            f"checkpoint {path} holds {', '.join(unlisted[:3])}, which its manifest does not list; "
+            "entropy-lab did not write it there"
+        )
+    return files
+
+
 def verify_checkpoint(path: Path) -> None:
-    """Every file the manifest lists is present and unchanged; else a CheckpointError naming it.
+    """Every file the manifest (``read_manifest``) lists is present and unchanged; else a CheckpointError naming it.
 
     Checkpoints written before manifests existed are accepted as they are.
     """
-    manifest_path = path / MANIFEST_FILE
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {STATE_FILE} is missing")
-    if not manifest_path.is_file():
+    if not (path / MANIFEST_FILE).exists():
         return
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint manifest {manifest_path} is damaged") from None
-    for rel, digest in files.items():
+    for rel, digest in read_manifest(path).items():
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {f} is missing")
@@ -176,5 +240,22 @@ def load_trainer_state(path: Path) -> dict:
     if missing:
         raise CheckpointError(
             f"checkpoint file {file} lacks {', '.join(missing)}; it was not written by entropy-lab"
+        )
+    kinds = {
+        "step": int,
+        "optimizer": dict,
+        "scheduler": dict,
+        "rng": dict,
+        "config": dict,
+        "controller": dict,
+    }
+    wrong = [k for k, kind in kinds.items() if k in state and not isinstance(state[k], kind)]
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint file {file} is damaged: its {wrong[0]!r} entry is a {type(state[wrong[0]]).__name__}"
+        )
+    if _step_of(path) is not None and state["step"] != _step_of(path):
+        raise CheckpointError(
+            f"checkpoint file {file} holds the state of step {state['step']}, not of {path.name}"
         )
     return state

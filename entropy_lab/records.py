@@ -1,7 +1,8 @@
 """The trace record: one row per traced response token (docs/theory.md section 10).
 
-Column names are a public contract. A trace file is Parquet, one per traced update
-(or per step), with the run configuration as JSON in the file's schema metadata.
+Column names are a public contract, and so are their dtypes and bounds (``validate_records``,
+checked on every save and load: a trace file is untrusted data). A trace file is Parquet, one
+per traced update (or per step), with the run configuration as JSON in the file's schema metadata.
 The ``predicted`` group lists the built-in estimators' columns, which every record
 has; records may carry more columns: one ``omega_<name>`` per further registered
 estimator, the ``regime@<eta>:<quantity>`` columns of an eta sweep, and any other column
@@ -15,6 +16,7 @@ first-order direction (``QUADRANTS``, ``THEORY_SIGN``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -25,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.untrusted import check_numeric, parse_json, read_parquet
 
 COLUMN_GROUPS: dict[str, tuple[str, ...]] = {
     "where": ("step", "update", "sample", "position", "token_id"),
@@ -99,11 +102,68 @@ def predicted_columns(columns) -> list[str]:
     return builtin + [c for c in present if c not in builtin]
 
 
+MAX_ENTROPY = math.log(2.0**32)
+"""Largest entropy of any next-token distribution, in nats: no vocabulary has 2**32 tokens."""
+RANGE_SLACK = 1e-3
+"""Rounding the range checks allow (an fp32 entropy of a near-certain token can be -1e-7)."""
+
+VALUE_RULES: dict[str, tuple[float, float, bool]] = {
+    "step": (0, math.inf, True),
+    "update": (0, math.inf, True),
+    "sample": (0, math.inf, True),
+    "position": (0, math.inf, True),
+    "token_id": (0, math.inf, True),
+    "prob": (0.0, 1.0, True),
+    "logprob": (-math.inf, 0.0, True),
+    "surprisal": (0.0, math.inf, True),
+    "entropy_before": (0.0, MAX_ENTROPY, True),
+    "entropy_after": (0.0, MAX_ENTROPY, True),
+    "collision": (-math.inf, math.inf, True),
+    "delta_entropy": (-MAX_ENTROPY, MAX_ENTROPY, True),
+}
+"""Column -> (lowest, highest, NaN refused) for the columns with bounds (mathematical, not empirical).
+Every other contract column, and every ``omega_*`` and ``regime@*`` column, is a float that may be
+NaN (not measured: no advantage given, no gradient captured) and is never infinite."""
+
+
+def _float_columns(columns) -> list[str]:
+    """The columns a record's reader does arithmetic on: contract floats, estimators, eta-sweep columns."""
+    return [
+        str(c)
+        for c in columns
+        if (str(c) in COLUMNS and str(c) not in INT_COLUMNS)
+        or str(c).startswith(PREDICTED_PREFIX)
+        or REGIME_COLUMN.match(str(c))
+    ]
+
+
 def validate_records(df: pd.DataFrame, source: str = "records") -> pd.DataFrame:
-    """Raise one clear error if a contract column is missing; return ``df`` unchanged (extra columns are fine)."""
+    """Raise one clear error unless ``df`` keeps the contract; return ``df`` unchanged.
+
+    The contract: at least one row; every contract column present; ``INT_COLUMNS`` integers, the
+    other contract columns and every ``omega_*`` / ``regime@*`` column floats, never infinite; the bounds of
+    ``VALUE_RULES`` (probabilities in [0, 1], entropies in [0, MAX_ENTROPY], ...). Extra columns of
+    other names are the producer's and are not checked.
+    """
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise EntropyLabError(f"{source} lacks trace column(s): {', '.join(missing)}")
+    if len(df) == 0:
+        raise EntropyLabError(f"{source} holds no records (a traced update has at least one token)")
+    for column in INT_COLUMNS:
+        check_numeric(df, column, source, kind="integer")
+    for column in _float_columns(df.columns):
+        check_numeric(df, column, source, kind="float")
+    for column, (lo, hi, no_nan) in VALUE_RULES.items():
+        values = df[column].to_numpy(dtype=float)
+        if no_nan and np.isnan(values).any():
+            raise EntropyLabError(f"{source}: column {column!r} holds NaN, which a traced token never has")
+        bad = (values < lo - RANGE_SLACK) | (values > hi + RANGE_SLACK)
+        if bad.any():
+            raise EntropyLabError(
+                f"{source}: column {column!r} holds {values[bad][0]!r}, outside [{lo:g}, {hi:g}]; "
+                "the file is damaged or was not written by entropy-lab"
+            )
     return df
 
 
@@ -132,23 +192,20 @@ def _to_arrow(df: pd.DataFrame) -> pa.Table:
 
 
 def load_records(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
-    """Read a trace file: (records, config). Missing columns or a non-Parquet file give one error."""
+    """Read a trace file: (records, config), both checked (``validate_records``; the metadata a JSON
+    object within ``untrusted``'s depth limit, its ``method`` a string). A bad file gives one error."""
     path = Path(path)
     if not path.is_file():
         raise EntropyLabError(f"no trace file at {path}")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise EntropyLabError(f"{path} is not a readable Parquet trace file ({exc})") from None
-    raw = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
-    df = table.to_pandas()
-    validate_records(df, source=str(path))
+    df, metadata = read_parquet(path, "trace file")
+    raw = metadata.get(METADATA_KEY, b"{}")
     try:  # the metadata is data: parsed as JSON, never evaluated
-        config = json.loads(raw)
-        if not isinstance(config, dict):
-            raise ValueError
-    except ValueError:
+        config = parse_json(raw, "metadata")
+    except EntropyLabError as exc:
         raise EntropyLabError(
-            f"{path} has unreadable entropy_lab metadata (not a JSON object); rewrite the file with save_records"
+            f"{path} has unreadable entropy_lab metadata ({exc}); rewrite the file with save_records"
         ) from None
+    if not isinstance(config.get("method", ""), str):
+        raise EntropyLabError(f"{path} has unreadable entropy_lab metadata (its 'method' is not a string)")
+    validate_records(df, source=str(path))
     return df, config

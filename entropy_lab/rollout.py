@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from entropy_lab.errors import EntropyLabError
 from entropy_lab.stats import token_stats
 from entropy_lab.tasks import Problem, Task
 
@@ -47,14 +48,43 @@ class Rollout:
         }
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """The token ids a prompt is fed as: BOS prepended when the tokenizer has one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def model_positions(model) -> int | None:
+    """The positions the model was built for (``max_position_embeddings``, GPT-2's ``n_positions``); None if unknown."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """One error line unless a prompt of ``prompt_tokens`` and its response fit the model's positions."""
+    limit = model_positions(model)
+    if limit is None or prompt_tokens + max_new_tokens <= limit:
+        return
+    fix = (
+        f"lower max_new_tokens to at most {limit - prompt_tokens}"
+        if prompt_tokens < limit
+        else "use shorter prompts or a model with more positions"
+    )
+    raise EntropyLabError(
+        f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} needs "
+        f"{prompt_tokens + max_new_tokens} positions, but the model has {limit} (max_position_embeddings); {fix}"
+    )
+
+
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and attention mask, (P, Tp); BOS prepended when the tokenizer has one."""
-    rows = []
-    for text in prompts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-            ids = [tokenizer.bos_token_id, *ids]
-        rows.append(ids)
+    rows = [prompt_ids(tokenizer, text) for text in prompts]
     T = max(map(len, rows))
     ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros(len(rows), T, dtype=torch.long)
@@ -84,6 +114,7 @@ def sample(
     """n responses to each problem (rows grouped by problem: problem i owns rows i*n .. i*n+n-1)."""
     device = next(model.parameters()).device
     p_ids, p_attn = encode_prompts(tokenizer, [p.prompt for p in problems], device)
+    check_positions(model, p_ids.shape[1], max_new_tokens)
     p_ids, p_attn = p_ids.repeat_interleave(n, 0), p_attn.repeat_interleave(n, 0)
     gen_kw: dict[str, Any] = (
         dict(do_sample=False)

@@ -14,7 +14,8 @@
         checkpoint, a run directory of its own (older runs: retrace-*/, eta-sweep-*/ beside traces/)
 
 Every file is written under a temporary name and renamed into place, so a killed run
-leaves either the old or the new version, never half of one.
+leaves either the old or the new version, never half of one. Every file is checked when read
+(``entropy_lab.untrusted``): config.json as a ``TrainConfig``, the tables' steps and dtypes.
 
 Safety: the path is resolved first (``ghost/../run`` is ``run``), so every check sees the
 directory that will be written. ``check_target`` refuses an unusable output directory
@@ -53,6 +54,7 @@ from entropy_lab.run_files import (
     shown,
 )
 from entropy_lab.run_lock import check_unlocked
+from entropy_lab.untrusted import check_step_table, read_json, read_parquet
 
 
 def package_versions() -> dict[str, str]:
@@ -81,6 +83,10 @@ def write_text_atomic(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+MAX_CONFIG_BYTES = 4 << 20
+"""Largest config.json read (4 MiB; entropy-lab writes a few KiB, a verl run's some tens)."""
+
+
 def _is_known_entry(p: Path) -> bool:
     """A top-level entry of a run's layout (``run_files``), before its contents are vetted."""
     if p.is_symlink():
@@ -98,7 +104,7 @@ def _hf_model_dir(path: Path) -> bool:
     """A Hugging Face model directory: config.json with a model_type or architectures entry."""
     try:
         record = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable: not a model's (readers say what is wrong)
         return False
     return (
         isinstance(record, dict)
@@ -237,28 +243,32 @@ class RunDir:
             raise EntropyLabError(os_error_message(exc) + "; choose another --out") from None
 
     def read_config(self) -> dict:
-        """The whole config.json record; one error line if this is not a run directory."""
+        """The whole config.json record, its ``config`` entry validated as a ``TrainConfig`` (all fields
+        filled in); one error line if this is not a run directory or the file is not a valid record."""
         if not self.path.is_dir():
             raise EntropyLabError(f"no run directory at {self.path}")
         if not self.config_path.is_file():
             raise EntropyLabError(f"{self.path} is not a run directory (no config.json)")
         if _hf_model_dir(self.path):
             raise EntropyLabError(f"{self.path} holds a Hugging Face model, not a run directory")
+        record = read_json(self.config_path, what="malformed run configuration", max_bytes=MAX_CONFIG_BYTES)
+        if not isinstance(record.get("config"), dict):
+            raise EntropyLabError(f"{self.config_path} is malformed (no readable 'config' entry)")
         try:
-            record = json.loads(self.config_path.read_text())
-            if not isinstance(record["config"], dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise EntropyLabError(f"{self.config_path} is malformed (no readable 'config' entry)") from None
-        return record
+            config = TrainConfig.from_dict(record["config"])
+        except EntropyLabError as exc:
+            raise EntropyLabError(f"{self.config_path} is not a valid run configuration: {exc}") from None
+        for key, kind in (("seed", int), ("versions", dict)):
+            if key in record and (not isinstance(record[key], kind) or isinstance(record[key], bool)):
+                raise EntropyLabError(
+                    f"{self.config_path} is not a valid run configuration: its {key!r} entry is a "
+                    f"{type(record[key]).__name__}, not a {kind.__name__}"
+                )
+        return {**record, "config": config.to_dict()}
 
     def train_config(self) -> TrainConfig:
         """The run's configuration, parsed and validated (config.json is data, never code)."""
-        values = self.read_config()["config"]
-        try:
-            return TrainConfig.from_dict(values)
-        except EntropyLabError as exc:
-            raise EntropyLabError(f"{self.config_path} is not a valid run configuration: {exc}") from None
+        return TrainConfig.from_dict(self.read_config()["config"])
 
     def update_config_record(self, **entries) -> None:
         record = self.read_config()
@@ -267,14 +277,15 @@ class RunDir:
 
     # --- tables ------------------------------------------------------------------------
     def _read_table(self, path: Path) -> pd.DataFrame:
+        """A per-step table, checked (``untrusted.check_step_table``); empty when the file is absent."""
         if not path.is_file():
             return pd.DataFrame()
         try:
-            return pd.read_parquet(path)
-        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            why = "not a complete Parquet file" if "Parquet" in str(exc) else str(exc).splitlines()[0][:120]
+            df, _ = read_parquet(path, "table")
+            return check_step_table(df, str(path))
+        except EntropyLabError as exc:
             raise EntropyLabError(
-                f"{path} is unreadable ({why}); the run's history there is lost: start the run over with --overwrite"
+                f"{exc}; the run's history in {path.name} is lost: start the run over with --overwrite"
             ) from None
 
     def read_metrics(self) -> pd.DataFrame:

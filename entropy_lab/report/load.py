@@ -15,11 +15,10 @@ from entropy_lab.runs import RunDir
 
 
 def config_record(run: RunDir) -> dict:
-    """``config.json``'s ``config`` entry, or {} when the directory has no readable one."""
-    try:
-        return dict(run.read_config()["config"])
-    except EntropyLabError:
+    """``config.json``'s validated ``config`` entry, or {} when the directory has none; a damaged one is an error."""
+    if not run.config_path.is_file():
         return {}
+    return dict(run.read_config()["config"])
 
 
 def load_run_records(run: RunDir, label: str | None = None) -> pd.DataFrame:
@@ -35,8 +34,9 @@ def load_run_records(run: RunDir, label: str | None = None) -> pd.DataFrame:
         "unknown").
 
     Raises:
-        EntropyLabError: the run has no trace files, or one of them is unreadable or lacks
-            columns of the record contract (the message names the file).
+        EntropyLabError: the run has no trace files, or one of them is unreadable, breaks the
+            record contract or holds records of another step than its name (the message names
+            the file).
     """
     files = run.trace_files()
     if not files:
@@ -47,6 +47,13 @@ def load_run_records(run: RunDir, label: str | None = None) -> pd.DataFrame:
     metadata: dict = {}
     for path in files:
         frame, config = load_records(path)
+        step = int(path.stem[len("step_") :]) if path.stem[len("step_") :].isdigit() else None
+        if step is not None and len(frame) and not bool((frame["step"] == step).all()):
+            other = int(frame.loc[frame["step"] != step, "step"].iloc[0])
+            raise EntropyLabError(
+                f"{path} holds records of step {other}, not only of step {step} as its name says; "
+                "the file is damaged or was not written by entropy-lab"
+            )
         frames.append(frame)
         metadata = metadata or config
     records = pd.concat(frames, ignore_index=True)

@@ -34,6 +34,14 @@ def n_sampled(max_positions: int | float | None, n_total: int) -> int:
     return max(1, min(n_total, int(max_positions)))
 
 
+class NonFiniteLogits(EntropyLabError):
+    """Logits the tracer read are NaN or +inf; ``side`` says whose: "pre-update" or "post-update"."""
+
+    def __init__(self, message: str, side: str):
+        super().__init__(message)
+        self.side = side
+
+
 class TracedTokens:
     """The n traced tokens of one step: (sample, position) pairs and their per-token inputs.
 
@@ -153,8 +161,9 @@ class TracedTokens:
         bad = first_nonfinite(z)
         if bad is not None:
             i = bad[0] if token_idx is None else int(token_idx[bad[0]])
-            raise EntropyLabError(
-                f"{what} logits are NaN/+inf (or all -inf) at sample {int(self.b_idx[i])}, position {int(self.t_idx[i])}"
+            raise NonFiniteLogits(
+                f"{what} logits are NaN/+inf (or all -inf) at sample {int(self.b_idx[i])}, position {int(self.t_idx[i])}",
+                side=what,
             )
 
 

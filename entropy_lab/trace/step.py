@@ -76,7 +76,8 @@ class TraceStep:
             advantages,
             old_logprobs,
             max_positions=tracer.max_positions,
-            seed=tracer.seed * 1_000_003 + self.step_index * 1009 + self.update_index,
+            # reduced mod 2**64 (torch's seed range): unchanged for every seed that fitted before
+            seed=(tracer.seed * 1_000_003 + self.step_index * 1009 + self.update_index) % 2**64,
         )
         self.n = self.tokens.n
         self.dist: DistInfo | None = detect(tracer.distributed)

@@ -48,13 +48,21 @@ from entropy_lab.methods import validate_config
 from entropy_lab.models import load_policy, load_policy_and_task
 from entropy_lab.objectives import required_inputs
 from entropy_lab.optim import build_optimizer
-from entropy_lab.rollout import Rollout, evaluate, response_stats, rewards_of, sample
+from entropy_lab.rollout import (
+    Rollout,
+    check_positions,
+    evaluate,
+    prompt_ids,
+    response_stats,
+    rewards_of,
+    sample,
+)
 from entropy_lab.run_lock import RunLock
 from entropy_lab.runs import RunDir
 from entropy_lab.runtime import autocast, autocast_dtype, pick_device
 from entropy_lab.trace.tracer import EntropyTracer
 from entropy_lab.trainer import learnability, resume
-from entropy_lab.trainer.guards import sampling_guard, write_guard
+from entropy_lab.trainer.guards import divergence_cause, sampling_guard, write_guard
 from entropy_lab.trainer.loggers import with_loggers
 from entropy_lab.trainer.resume import RandomStreams, TrainerState
 from entropy_lab.trainer.update import Updater, batch_metrics, make_batch
@@ -161,6 +169,7 @@ class Trainer:
             autocast=self.autocast,
         )
         self.eval_set = self.task.eval_problems(cfg.eval_prompts)
+        self.check_prompts_fit()
         self.ready = True
         if not create_run:
             return
@@ -174,6 +183,14 @@ class Trainer:
     def release_lock(self) -> None:
         """Give back the run's lock (``train`` does this itself on every exit)."""
         self.lock.release()
+
+    def check_prompts_fit(self, draws: int = 64) -> None:
+        """Before the run directory is touched: the evaluation prompts and ``draws`` training prompts (drawn
+        with a generator of their own, so the run's draws are unchanged) plus ``max_new_tokens`` fit the
+        model's positions. ``rollout.sample`` checks every later batch too."""
+        problems = [*self.eval_set, *self.task.sample(draws, np.random.default_rng(self.cfg.seed))]
+        longest = max(len(prompt_ids(self.tokenizer, p.prompt)) for p in problems)
+        check_positions(self.model, longest, self.cfg.max_new_tokens)
 
     def _copy_policy(self):
         return copy.deepcopy(self.model).eval()
@@ -260,7 +277,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Rollout, rewards, the batch and its updates; returns the step's metrics."""
         t0 = time.perf_counter()
-        with sampling_guard(self.run, step):
+        with sampling_guard(self.run, step, *self._updated_before(step - 1)):
             ro, rewards, _ = self.rollout()
         metrics = self.learn(step, ro, rewards)
         metrics["time/step_s"] = time.perf_counter() - t0
@@ -296,10 +313,16 @@ class Trainer:
         """The one update of a batch used once (``Updater.once``); the step's metrics."""
         return self.updater.once(step, ro, rewards, ref_lp)
 
+    def _updated_before(self, step: int) -> tuple[int | None, str]:
+        """(the step whose update made the current weights, the likely cause if they diverged); None before any."""
+        if step < 1:
+            return None, ""
+        return step, divergence_cause(self.optimizer.param_groups[0]["lr"], self.cfg.weight_decay)
+
     def evaluate(self, step: int) -> dict:
         """pass@k and the other evaluation metrics of the held-out problems at ``step``."""
         cfg = self.cfg
-        with self.autocast(), sampling_guard(self.run, step):
+        with self.autocast(), sampling_guard(self.run, step, *self._updated_before(step)):
             res = evaluate(
                 self.model,
                 self.tokenizer,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from entropy_lab import checkpoints
 from entropy_lab.config import TrainConfig
 from entropy_lab.errors import EntropyLabError
 from entropy_lab.runs import RunDir, retrace_dir
@@ -77,6 +78,7 @@ def trace_checkpoint(
     if step is None:
         step = list(ckpts)[-1]
     ckpt = run.find_checkpoint(step)
+    checkpoints.verify_checkpoint(ckpt)  # before its weights are loaded as the policy
     base = run.train_config()
     method = method or base.method
     if method != base.method:  # a new preset over the run's non-method settings

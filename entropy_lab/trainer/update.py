@@ -24,6 +24,7 @@ update's parameters, so it records the same pre-update values.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,8 +45,9 @@ from entropy_lab.records import save_records
 from entropy_lab.rollout import Rollout, mean_response_entropy
 from entropy_lab.runs import RunDir
 from entropy_lab.stats import entropy_from_logits, gather_logprobs, token_stats
+from entropy_lab.trace.rows import NonFiniteLogits
 from entropy_lab.trace.tracer import EntropyTracer, TraceStep
-from entropy_lab.trainer.guards import nan_message
+from entropy_lab.trainer.guards import diverged_message, divergence_cause, nan_message
 from entropy_lab.trainer.resume import RandomStreams
 
 Sums = dict[str, list[float]]
@@ -216,7 +218,7 @@ class Updater:
                     if traced
                     else contextlib.nullcontext()
                 )
-                with ctx as trace:
+                with self._post_update_guard(step), ctx as trace:
                     self._optimizer_update(step, mb, self._micro_batches(batch, mb), trace, sums)
                 if trace is not None:
                     records.append(trace.records)
@@ -236,7 +238,7 @@ class Updater:
         rows = torch.arange(ro.input_ids.shape[0], device=self.device)  # (B,)
         sums: Sums = defaultdict(list)
         ctx = self._trace(step, 0, ro, rows) if trace_due(self.cfg, step) else contextlib.nullcontext()
-        with ctx as trace:
+        with self._post_update_guard(step), ctx as trace:
             micro = self._single_micro_batch(step, ro, rewards, ref_lp, rows)
             batch = self._optimizer_update(step, rows, micro, trace, sums)
         # The update reads the batch's tensors and changes none of them: its metrics are those of before.
@@ -352,8 +354,31 @@ class Updater:
             raise EntropyLabError(nan_message(self.run, step, "gradient"))
         sums["grad/norm"].append(float(grad_norm))
         sums["lr"].append(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:  # torch refuses a step size the parameters' dtype cannot hold
+            if "overflow" not in str(exc):
+                raise
+            raise EntropyLabError(self._diverged(step, "parameters")) from None
+        # max |theta| over every parameter: finite iff all are (NaN propagates through the max)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=math.inf)):
+            raise EntropyLabError(self._diverged(step, "parameters"))
         self.scheduler.step()
+
+    def _diverged(self, step: int, what: str) -> str:
+        lr = self.optimizer.param_groups[0]["lr"]
+        return diverged_message(self.run, step, what, divergence_cause(lr, self.cfg.weight_decay))
+
+    @contextlib.contextmanager
+    def _post_update_guard(self, step: int) -> Iterator[None]:
+        """Finite but huge parameters make the tracer's post-update logits overflow: the update's fault."""
+        try:
+            yield
+        except NonFiniteLogits as exc:
+            if exc.side != "post-update":
+                raise
+            raise EntropyLabError(self._diverged(step, "logits")) from None
 
     # --- tracing and metrics -----------------------------------------------------------------
     def _trace(

@@ -101,6 +101,7 @@ def workspace(tmp_path, trained, monkeypatch):
     (ws / "userout").mkdir()
     (ws / "userout" / "report.md").write_text("my notes")
     paths["userout"] = str(ws / "userout")
+    untrusted_run_files(run_copy)
 
     # {ro} is read-only: chmod does it for a user; root ignores modes, so os.access answers as for a user
     os.chmod(ws / "ro", 0o555)
@@ -116,6 +117,49 @@ def workspace(tmp_path, trained, monkeypatch):
     )
     yield ws, paths
     os.chmod(ws / "ro", 0o755)
+
+
+def untrusted_run_files(run_copy) -> None:
+    """The runs whose files were damaged or crafted: {strtrace}, {badprob}, ... (bad_input_cases.py)."""
+
+    def edit_trace(name, edit):
+        f = run_copy(name) / "traces" / "step_000001.parquet"
+        df = pd.read_parquet(f)
+        edit(df)
+        df.to_parquet(f)
+
+    edit_trace("strtrace", lambda df: df.__setitem__("delta_entropy", df["delta_entropy"].astype(str)))
+    edit_trace("badprob", lambda df: df.__setitem__("prob", df["prob"].where(df.index > 0, 1.5)))
+    edit_trace("stepmix", lambda df: df.__setitem__("step", 7))
+
+    def edit_config(name, edit):
+        f = run_copy(name) / "config.json"
+        record = json.loads(f.read_text())
+        f.write_text(edit(record))
+
+    edit_config(
+        "deepcfg", lambda r: json.dumps({**r, "warm_start": "@"}).replace('"@"', "[" * 5000 + "]" * 5000)
+    )
+    edit_config("unkcfg", lambda r: json.dumps({**r, "config": {**r["config"], "lrr": 1.0}}))
+    edit_config("hugecfg", lambda r: json.dumps({**r, "notes": "x" * 5_000_000}))
+    metrics = run_copy("strmetrics") / "metrics.parquet"
+    pd.read_parquet(metrics).astype({"reward/mean": str}).to_parquet(metrics)
+    metrics = run_copy("dupsteps") / "metrics.parquet"
+    pd.read_parquet(metrics).assign(step=1).to_parquet(metrics)
+
+    def edit_manifest(name, edit):
+        f = run_copy(name) / "checkpoints" / "step_000002" / "checkpoint.json"
+        manifest = json.loads(f.read_text())
+        edit(manifest["files"])
+        f.write_text(json.dumps(manifest))
+
+    edit_manifest("escape", lambda files: files.__setitem__("../../outside", "0" * 64))
+    edit_manifest("absolute", lambda files: files.__setitem__("/etc/passwd", "0" * 64))
+    (run_copy("unlisted") / "checkpoints" / "step_000002" / "model" / "extra.bin").write_bytes(b"\0")
+    ckpt = run_copy("badweights") / "checkpoints" / "step_000002"
+    (ckpt / "checkpoint.json").unlink()  # a checkpoint from before manifests: loaded as it is
+    weights = ckpt / "model" / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
 
 
 class Payload:
@@ -274,6 +318,77 @@ def trl_controller_method(paths):
     from entropy_lab.integrations.trl.methods import resolve_trl_method
 
     resolve_trl_method("adaptive-entropy", None, _trl_settings())
+
+
+def load_records_with_a_string_column(paths):
+    from entropy_lab.records import load_records
+
+    load_records(Path(paths["strtrace"]) / "traces" / "step_000001.parquet")
+
+
+def load_records_without_rows(paths):
+    from entropy_lab.records import load_records
+
+    path = Path(paths["run"]) / "traces" / "step_000001.parquet"
+    pd.read_parquet(path).iloc[:0].to_parquet(path)
+    load_records(path)
+
+
+def parse_deeply_nested_json(paths):
+    from entropy_lab.untrusted import parse_json
+
+    parse_json("[" * 100_000 + "]" * 100_000, "a file", expect=list)
+
+
+def check_safetensors_with_offsets_outside(paths):
+    import struct
+
+    from entropy_lab.untrusted import check_safetensors
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    path = Path(paths["new"] + ".safetensors")
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)  # 8 of the 16 bytes it claims
+    check_safetensors(path)
+
+
+def read_manifest_with_an_unknown_entry(paths):
+    from entropy_lab.checkpoints import read_manifest
+
+    ckpt = Path(paths["run"]) / "checkpoints" / "step_000002"
+    manifest = json.loads((ckpt / "checkpoint.json").read_text())
+    (ckpt / "checkpoint.json").write_text(json.dumps({**manifest, "run": "__import__('os')"}))
+    read_manifest(ckpt)
+
+
+def read_manifest_of_another_step(paths):
+    from entropy_lab.checkpoints import read_manifest
+
+    ckpt = Path(paths["run"]) / "checkpoints" / "step_000002"
+    manifest = json.loads((ckpt / "checkpoint.json").read_text())
+    (ckpt / "checkpoint.json").write_text(json.dumps({**manifest, "step": 5}))
+    read_manifest(ckpt)
+
+
+def train_diverging(paths, **overrides):
+    """Two steps on the tiny model whose first update diverges; the run goes to {run}/../diverged."""
+    from entropy_lab.trainer import Trainer
+
+    cfg = TrainConfig(
+        task="arithmetic", model=paths["model"], steps=2, prompts_per_step=2, samples_per_prompt=2,
+        max_new_tokens=3, eval_every=0, checkpoint_every=0, **overrides,
+    )  # fmt: skip
+    Trainer(cfg, Path(paths["run"]).parent / "diverged").train()
+
+
+def train_with_absurd_weight_decay(paths):
+    # AdamW multiplies theta by 1 - lr * weight_decay = -1e39: every parameter becomes infinite
+    train_diverging(paths, lr=10.0, weight_decay=1e38, trace_every=1)
+
+
+def train_with_weight_decay_overflowing_logits(paths):
+    # theta * -1e20 stays finite in fp32, but the post-update logits overflow (theta * 1e31 would not:
+    # RMSNorm's squares overflow first and its output is 0, a finite, degenerate policy)
+    train_diverging(paths, lr=10.0, weight_decay=1e19, trace_every=1)
 
 
 # --- the tracer ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """`--model DIR --dataset FILE`: a local chat model trains on real verl-format rows."""
 
+import dataclasses
 import string
 from pathlib import Path
 
@@ -22,7 +23,10 @@ def test_chat_model_trains_on_dapo_rows(tmp_path, tiny_spec):
     tok = build_char_tokenizer(string.printable)
     tok.chat_template = TEMPLATE
     model_dir = tmp_path / "chat"
-    build_tiny_policy(tok, tiny_spec).save_pretrained(model_dir)
+    # chat-templated prompts of character tokens run to ~1200 positions (rotary: no weights depend on it)
+    build_tiny_policy(tok, dataclasses.replace(tiny_spec, max_position_embeddings=2048)).save_pretrained(
+        model_dir
+    )
     tok.save_pretrained(model_dir)
     assert load_policy(model_dir)[1].chat_template == TEMPLATE  # the template survives the round trip
     cfg = resolve_config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import string
@@ -256,7 +257,10 @@ def test_every_task_preset_is_a_valid_config_and_documented() -> None:
 def test_cli_prints_and_records_the_preset(tmp_path, tiny_spec) -> None:
     tok = chat_tokenizer()
     model_dir = tmp_path / "chat"
-    build_tiny_policy(tok, tiny_spec).save_pretrained(model_dir)
+    # chat-templated prompts of character tokens run to ~1200 positions (rotary: no weights depend on it)
+    build_tiny_policy(tok, dataclasses.replace(tiny_spec, max_position_embeddings=2048)).save_pretrained(
+        model_dir
+    )
     tok.save_pretrained(model_dir)
     given = dict(
         prompts_per_step=2,
