@@ -11,7 +11,7 @@ import pandas as pd
 import typer
 
 from entropy_lab.cli.common import console, err_console, friendly_errors, print_table, quiet_transformers
-from entropy_lab.cli.progress import progress_bar
+from entropy_lab.cli.progress import ProgressCallback
 
 SOURCES = {"cache": "user cache", "shipped": "shipped", "build": "built now"}
 
@@ -87,16 +87,13 @@ def _train(task, rebuild: bool, quiet: bool) -> dict:
     """The warm start's ``info``, trained now (resuming a checkpoint) under a bar; Ctrl-C says how to continue."""
     from entropy_lab import models
 
-    with progress_bar("stats", quiet) as bar:
-        shown: list = []
-
-        def show(step: int, total: int, loss: float) -> None:
-            if not shown:
-                shown.append(bar.add_task(f"{task.name}: warm start", total=total, stats=""))
-            bar.update(shown[0], completed=step, stats=f"sft loss {loss:.3f}")
-
+    with ProgressCallback(task.name, quiet) as bar:
         try:
-            return models.warm_start(task, progress=show, use_cache=not rebuild)[2]
+            info = models.warm_start(
+                task, progress=lambda step: bar("warm_start_progress", step), use_cache=not rebuild
+            )[2]
+            bar.end_warm_start(info)
+            return info
         except KeyboardInterrupt:
             err_console.print(
                 f"interrupted; the warm start of {task.name} continues from its last checkpoint with: "
