@@ -150,7 +150,9 @@ def _tightness_text(ctx: SectionContext) -> str:
         f"{len(ctx.records)} traced tokens from {len(steps)} step(s) {span}. Gain g = Σ ΔH ω / Σ ω² "
         "(least squares through the origin); r2 is the R² of ΔH ≈ g ω. Sign agreement counts tokens with "
         f"|ΔH| above the noise floor of {format_number(noise_floor(ctx.tables))} nats "
-        f"({NOISE_FLOOR_FRACTION:g} × the run's largest |ΔH|)."
+        f"({NOISE_FLOOR_FRACTION:g} × the run's largest |ΔH|). `pearson_update_median`: the median of the "
+        "per-update Pearson; `spearman_zero_advantage`: Spearman over the `n_zero_advantage` tokens with "
+        "A = 0, where every closed form predicts 0 (NaN for them)."
     )
 
 
@@ -168,7 +170,8 @@ def _decomposition_text(ctx: SectionContext) -> str:
 
 TIGHTNESS_VIEW = [
     "estimator", "n", "pearson", "spearman", "sign_agreement", "n_above_floor", "gain", "r2",
-    "rmse_calibrated", "sum_measured", "sum_calibrated",
+    "rmse_calibrated", "sum_measured", "sum_calibrated", "pearson_update_median", "n_zero_advantage",
+    "spearman_zero_advantage",
 ]  # fmt: skip
 QUADRANTS_VIEW = [
     "quadrant", "theory", "count", "share", "mean_predicted", "mean_measured", "sign_agreement",
