@@ -197,6 +197,11 @@ class TrainConfig:
     """Also measure the traced tokens' entropy at theta + eta dtheta in traced steps, for these positive
     multiples eta of the actual step, comma-separated (e.g. 0.25,0.5,1): regime@ columns, tabled by
     ``entropy_lab.analyses.regime``; one no-grad forward per eta plus one forward-mode pass. None: no sweep."""
+    trace_attribution: Annotated[str, OneOf("none", "layer")] = "none"
+    """Also split the jvp prediction of traced steps over parameter groups: ``layer`` gives each token
+    one ``attr_layer:<group>`` column per group (embedding, each block's attention and MLP, norms, the
+    LM head), the group's additive part of omega_jvp (``entropy_lab.trace.attribution``); one
+    forward-mode pass per group. none: no attribution."""
     controller: str = "none"
     """Entropy controller consulted before each optimizer step (``entropy_lab.controllers``): none,
     adaptive-entropy or entropy-target."""

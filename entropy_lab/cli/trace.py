@@ -3,6 +3,8 @@
 Three modes, one function each: ``analyse_run`` (a run with traces and no checkpoint or
 method asked for), ``retrace_update`` (one update from a checkpoint, tabled on its own) and
 ``sweep_update`` (``--eta-sweep``: that update along theta + eta dtheta, the linear regime).
+``--attribution layer`` makes the retraced update split its jvp prediction over parameter
+groups (``entropy_lab.trace.attribution``), tabled with the update's other tables.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ def trace(
             "pass, a few forwards' cost).",
         ),
     ] = False,
+    attribution: Annotated[
+        str | None,
+        typer.Option(
+            "--attribution",
+            help="Trace from the checkpoint with the jvp prediction split over parameter groups: layer "
+            "(embedding, each block's attention and MLP, norms, LM head); one forward-mode pass per group.",
+        ),
+    ] = None,
 ) -> None:
     """Trace one update from a checkpoint and table that update, or analyse a run's existing traces."""
     if output not in ("table", "json"):
@@ -97,12 +107,18 @@ def trace(
             f"--run names checkpoint step {ckpt_step} but --step says {step}; give the step once"
         )
     step = step if step is not None else ckpt_step
+    if attribution is not None:
+        from entropy_lab.trace.attribution import parse_attribution
+
+        parse_attribution(attribution)  # an unknown kind: one error listing the valid ones
+        if eta_sweep:
+            raise EntropyLabError("--attribution traces one update; run it without --eta-sweep")
     if eta_sweep:  # the sweep records the jvp estimators anyway
         sweep_update(rd, step, method, output)
-    elif step is None and method is None and not jvp and rd.trace_files():
+    elif step is None and method is None and not jvp and attribution is None and rd.trace_files():
         analyse_run(rd, output)
     else:
-        retrace_update(rd, step, method, jvp, output)
+        retrace_update(rd, step, method, jvp, output, attribution)
 
 
 def analyse_run(rd: RunDir, output: str) -> None:
@@ -120,7 +136,9 @@ def analyse_run(rd: RunDir, output: str) -> None:
     console.print(f"report: {result['report']}  figures: {rd.figures_dir}")
 
 
-def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, output: str) -> None:
+def retrace_update(
+    rd: RunDir, step: int | None, method: str | None, jvp: bool, output: str, attribution: str | None = None
+) -> None:
     """One traced update from the checkpoint at ``step``: its own tables, and the run's report."""
     from entropy_lab.records import load_records
     from entropy_lab.report.compose import report_json, run_report, trace_tables
@@ -129,7 +147,7 @@ def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, 
     quiet_transformers()
     if output == "table":
         console.print(f"tracing one update of {rd.path} from its checkpoint ...")
-    done = trace_checkpoint(rd, step, method, jvp=jvp)
+    done = trace_checkpoint(rd, step, method, jvp=jvp, attribution=attribution)
     records, _ = load_records(done.trace_path)
     records.insert(0, "run", done.run.path.name)
     records.insert(0, "method", done.method)

@@ -308,6 +308,29 @@ register_report_entry(
         ),
     )
 )
+ATTRIBUTION_VIEW = ["part", "n", "mean_abs_share", "signed_share", "sum", "pearson_measured"]
+
+register_report_entry(
+    ReportEntry(
+        "attribution_layer",
+        table=lambda records, estimator: (
+            analyses.attribution_table(records, "layer")
+            if analyses.has_attribution(records, "layer")
+            else None
+        ),
+        section=Section(
+            "Where the predicted change comes from: attribution by layer",
+            "The jvp prediction split exactly over parameter groups (one forward-mode pass per group, the "
+            "step restricted to it; the parts add up to `omega_jvp`). `mean_abs_share`: mean over tokens of "
+            "|part| / Σ|parts|; `signed_share`: the part's share of the summed predicted change; "
+            "`pearson_measured`: the part alone against the measured change.",
+            columns=ATTRIBUTION_VIEW,
+        ),
+        terminal=TerminalView(
+            "attribution by layer: share of the predicted change per group", ATTRIBUTION_VIEW
+        ),
+    )
+)
 register_report_entry(
     ReportEntry(
         "linear_regime",

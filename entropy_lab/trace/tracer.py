@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.trace.attribution import attribution_probes
 from entropy_lab.trace.forward import accepts_logits_to_keep, has_active_dropout
 from entropy_lab.trace.probes import EtaSweepProbe, JvpProbe, PreStepProbe, build_probes
 from entropy_lab.trace.rows import take_rows
@@ -89,7 +90,10 @@ class EntropyTracer:
         eta_grid: multiples eta of the step at which to also measure the traced tokens' entropy,
             theta + eta dtheta (``probes.EtaSweepProbe``), as numbers or as the comma-separated text
             of ``TrainConfig.trace_eta_grid``; the records gain ``regime@`` columns.
-        probes: further ``PreStepProbe``s, run after the jvp and eta-sweep ones, in this order.
+        attribution: also split ``omega_jvp`` over parameter groups: the attribution kinds of
+            ``TrainConfig.trace_attribution`` ("layer"; ``entropy_lab.trace.attribution``); the
+            records gain ``attr_<kind>:<part>`` columns. None or "none": no attribution.
+        probes: further ``PreStepProbe``s, run after the jvp, eta-sweep and attribution ones, in this order.
 
     ``probes`` holds the pre-step probes the arguments asked for, in the order they run.
     """
@@ -106,6 +110,7 @@ class EntropyTracer:
         distributed: bool | None = None,
         jvp: bool = False,
         eta_grid: Sequence[float] | str | None = None,
+        attribution: str | None = None,
         probes: Sequence[PreStepProbe] = (),
     ):
         get_emb = getattr(model, "get_output_embeddings", None)
@@ -128,7 +133,9 @@ class EntropyTracer:
         self.config = dict(config or {})
         self.distributed = distributed
         self._open: TraceStep | None = None  # the step whose block is running, if any
-        self.probes: tuple[PreStepProbe, ...] = build_probes(jvp, eta_grid, probes)
+        self.probes: tuple[PreStepProbe, ...] = build_probes(
+            jvp, eta_grid, (*attribution_probes(attribution), *probes)
+        )
 
     @property
     def jvp(self) -> bool:

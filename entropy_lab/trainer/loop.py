@@ -138,6 +138,7 @@ class Trainer:
             config=cfg.to_dict(),
             jvp=cfg.trace_jvp,
             eta_grid=cfg.trace_eta_grid,
+            attribution=cfg.trace_attribution,
         )
         self.controller = build_controller(cfg)
         self.updater = Updater(
