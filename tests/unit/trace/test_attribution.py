@@ -146,3 +146,22 @@ def test_attribution_setting_is_validated():
     with pytest.raises(EntropyLabError, match="trace_attribution"):
         TrainConfig(trace_attribution="bogus").validate()
     assert TrainConfig(trace_attribution="layer").to_dict()["trace_attribution"] == "layer"
+
+
+def test_trainer_records_the_setting_and_the_columns(
+    tiny_policy_dir, tmp_path, isolated_cache, dense_reward, small_config
+):
+    from entropy_lab.records import load_records
+    from entropy_lab.runs import RunDir
+    from entropy_lab.trainer import Trainer
+
+    cfg = small_config("grpo", tiny_policy_dir, steps=1, trace_jvp=True, trace_attribution="layer")
+    Trainer(cfg, tmp_path / "run").train()
+    (f,) = RunDir(tmp_path / "run").trace_files()
+    df, meta = load_records(f)
+    assert meta["trace_attribution"] == "layer"
+    parts = attribution_columns(df.columns, "layer")
+    assert {"embedding", "block0.attn", "block0.mlp", "norms", "lm_head"} == set(parts)
+    total = df[list(parts.values())].sum(axis=1)
+    # float32 training: the parts add up to omega_jvp to float32 round-off
+    np.testing.assert_allclose(total, df["omega_jvp"], rtol=0, atol=1e-5 * np.abs(df["omega_jvp"]).max())
