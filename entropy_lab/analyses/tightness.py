@@ -307,8 +307,9 @@ def tightness_summary(
       (step, update) groups and the median of their per-update Pearson and Spearman (NaN
       per-update values left out; NaN when the records have no ``step``/``update`` column);
     - ``n_zero_advantage``, ``pearson_zero_advantage``, ``spearman_zero_advantage``: the same
-      statistics over the tokens whose ``advantage`` is exactly 0 (every closed form predicts
-      0 there, so their correlations are NaN; the network's own first order need not be 0).
+      statistics over the tokens whose ``advantage`` is exactly 0 (every per-token closed form
+      predicts 0 there, so their correlations are NaN; ``covariance`` centres A over the batch and
+      the network's own first order moves them too).
     """
     pooled = tightness(records, estimators, by=(), noise_floor=noise_floor, split_runs=split_runs)
     keys = [c for c in pooled.columns if c in ID_COLUMNS] + ["estimator"]

@@ -152,7 +152,7 @@ def _tightness_text(ctx: SectionContext) -> str:
         f"|ΔH| above the noise floor of {format_number(noise_floor(ctx.tables))} nats "
         f"({NOISE_FLOOR_FRACTION:g} × the run's largest |ΔH|). `pearson_update_median`: the median of the "
         "per-update Pearson; `spearman_zero_advantage`: Spearman over the `n_zero_advantage` tokens with "
-        "A = 0, where every closed form predicts 0 (NaN for them)."
+        "A = 0, where every per-token closed form predicts 0 (NaN for them; covariance centres A)."
     )
 
 
