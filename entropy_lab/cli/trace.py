@@ -110,7 +110,8 @@ def trace(
     if attribution is not None:
         from entropy_lab.trace.attribution import parse_attribution
 
-        parse_attribution(attribution)  # an unknown kind: one error listing the valid ones
+        if not parse_attribution(attribution):  # an unknown kind: one error listing the valid ones
+            attribution = None  # "none": as if not given
         if eta_sweep:
             raise EntropyLabError("--attribution traces one update; run it without --eta-sweep")
     if eta_sweep:  # the sweep records the jvp estimators anyway
