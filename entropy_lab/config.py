@@ -224,6 +224,11 @@ class TrainConfig:
     """Where step metrics go besides metrics.parquet (``entropy_lab.trainer.loggers``): none, tensorboard
     (``<run>/tensorboard/``), wandb (``<run>/wandb/``; WANDB_MODE=offline needs no network), or several
     comma-separated. Traced steps add each estimator's Pearson, sign agreement and gain, and the sum of dH."""
+    trace_attribution: Annotated[str, OneOf("none", "layer")] = "none"
+    """Also split the jvp prediction of traced steps over parameter groups: ``layer`` gives each token
+    one ``attr_layer:<group>`` column per group (embedding, each block's attention and MLP, norms, the
+    LM head), the group's additive part of omega_jvp (``entropy_lab.trace.attribution``); one
+    forward-mode pass per group. none: no attribution."""
     controller: str = "none"
     """Entropy controller consulted before each optimizer step (``entropy_lab.controllers``): none,
     adaptive-entropy or entropy-target."""

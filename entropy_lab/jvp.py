@@ -32,7 +32,7 @@ Naive equivalent of the two predictions (finite differences, an independent chec
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -71,12 +71,30 @@ def _math_sdpa():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    """(slot name, module, attribute, parameter) for every parameter slot of ``model``.
+
+    A slot is one use of a parameter: a tied Parameter (input and output embeddings) has one
+    slot per module holding it, named like ``named_modules`` + attribute (``lm_head.weight``).
+    """
+    for prefix, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                yield (f"{prefix}.{name}" if prefix else name), module, name, p
+
+
 @contextlib.contextmanager
-def tangent_parameters(model: nn.Module, update: Update) -> Iterator[None]:
+def tangent_parameters(
+    model: nn.Module, update: Update, slots: Collection[str] | None = None
+) -> Iterator[None]:
     """Inside the block, ``model``'s parameters carry tangent ``update`` (forward-mode AD, no grad).
 
     Parameters absent from ``update`` keep no tangent (zero). Tied parameters (one Parameter
-    in several modules) get one dual tensor. Every slot is restored in ``finally``.
+    in several modules) get one dual tensor. ``slots`` (names of ``parameter_slots``), when
+    given, restricts the tangent to those slots: every other slot keeps its plain parameter,
+    so a tied Parameter can carry its tangent in one use only (the output embedding without
+    the input one). By linearity the tangents of disjoint slot sets that cover every slot add
+    up to the full one. Every slot is restored in ``finally``.
     """
     check_forward_ad_supported(model)
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
@@ -86,16 +104,14 @@ def tangent_parameters(model: nn.Module, update: Update) -> Iterator[None]:
         stack.enter_context(_math_sdpa())
         duals: dict[int, torch.Tensor] = {}
         try:
-            for module in model.modules():
-                for name, p in list(module._parameters.items()):
-                    if p is None or p not in update:
-                        continue
-                    if id(p) not in duals:
-                        t = update[p]
-                        duals[id(p)] = fwAD.make_dual(p.detach(), t.to(p.dtype))
-                    swapped.append((module, name, p))
-                    # Plain dict slot: nn.Module.__getattr__ returns it, no Parameter wrapper needed.
-                    module._parameters[name] = duals[id(p)]  # type: ignore[assignment]
+            for slot, module, name, p in parameter_slots(model):
+                if p not in update or (slots is not None and slot not in slots):
+                    continue
+                if id(p) not in duals:  # one dual per Parameter, shared by its slots
+                    duals[id(p)] = fwAD.make_dual(p.detach(), update[p].to(p.dtype))
+                swapped.append((module, name, p))
+                # Plain dict slot: nn.Module.__getattr__ returns it, no Parameter wrapper needed.
+                module._parameters[name] = duals[id(p)]  # type: ignore[assignment]
             yield
         except NotImplementedError as exc:
             if "forward AD" in str(exc):

@@ -5,8 +5,9 @@ checked on every save and load: a trace file is untrusted data). A trace file is
 per traced update (or per step), with the run configuration as JSON in the file's schema metadata.
 The ``predicted`` group lists the built-in estimators' columns, which every record
 has; records may carry more columns: one ``omega_<name>`` per further registered
-estimator, the ``regime@<eta>:<quantity>`` columns of an eta sweep, and any other column
-a producer adds. Readers find the predicted columns with ``predicted_columns``.
+estimator, the ``regime@<eta>:<quantity>`` columns of an eta sweep, the
+``attr_<kind>:<part>`` columns of an attribution (``attribution_column``: each part's
+additive contribution to ``omega_jvp``, in nats), and any other column a producer adds. Readers find the predicted columns with ``predicted_columns``.
 
 The constants both sides of the contract share live here too, torch-free: the four
 factors of the closed form (``FACTORS``) and the sign(A) x sign(l_a) quadrants with their
@@ -93,6 +94,21 @@ def estimator_name(column: str) -> str:
 def regime_column(eta: float, quantity: str) -> str:
     """Record column of one eta-sweep quantity: (0.25, 'delta_entropy') -> 'regime@0.25:delta_entropy'."""
     return f"regime@{eta!r}:{quantity}"
+
+
+ATTRIBUTION_COLUMN = re.compile(r"^attr_(?P<kind>\w+):(?P<part>.+)$")
+"""Matches a column of ``attribution_column``; groups ``kind`` (layer, source) and ``part``."""
+
+
+def attribution_column(kind: str, part: str) -> str:
+    """Record column of one attribution part: ('layer', 'block0.mlp') -> 'attr_layer:block0.mlp'."""
+    return f"attr_{kind}:{part}"
+
+
+def attribution_columns(columns, kind: str) -> dict[str, str]:
+    """Part -> column for every ``attr_<kind>:<part>`` column among ``columns``, in their order."""
+    found = (ATTRIBUTION_COLUMN.match(str(c)) for c in columns)
+    return {m["part"]: m.group(0) for m in found if m is not None and m["kind"] == kind}
 
 
 def predicted_columns(columns) -> list[str]:

@@ -358,10 +358,13 @@ SECTIONS = (
         "Why the closed forms fail: the coupling study",
         "One rollout batch of the default task under the warm-start policy; from the same parameters "
         "each time, single optimizer steps on k tokens (k from one token to the whole batch), under "
-        "SGD and AdamW at three learning rates each, in float64, every step traced "
+        "SGD and AdamW at three learning rates each, in float64 end to end (the norms' and rotary "
+        "angles' float32 ops replaced), every step traced "
         "(`entropy-lab study coupling --help` gives the grid). Rows: optimizer and learning rate; "
         "columns: tokens per update. With one token per update no other token's gradient moves its "
-        "logits; every further token in the update adds coupling through the shared parameters.",
+        "logits, but its own gradient still moves them through its own kernel J_j J_jᵀ ≠ I, which the "
+        "tabular forms also miss; every further token in the update adds cross-token coupling "
+        "through the shared parameters.",
         (
             Table(
                 COUPLING,

@@ -11,11 +11,13 @@ contract of docs/theory.md section 10. When records of several runs are concaten
 - ``quadrants``: sign(A) x sign(l_a) table against first-order theory.
 - ``regime``: the linear regime, per multiple eta of the step, from an eta sweep's records.
 - ``weights``: what an intervention's per-token weights did (size, share damped, correlation with dH).
+- ``attribution``: the jvp prediction split over parameter groups (``attr_<kind>:`` columns).
 - ``compare``: per-method summaries and curves of training metrics across seeds.
 """
 
 from entropy_lab.records import FACTORS, QUADRANTS
 
+from .attribution import attribution_table, has_attribution
 from .compare import compare_runs, curves, pass_at_k_columns, run_summary, t_interval
 from .decomposition import decompose, decomposition_summary
 from .quadrants import quadrants
@@ -34,6 +36,7 @@ __all__ = [
     "ESTIMATOR_COLUMNS",
     "FACTORS",
     "QUADRANTS",
+    "attribution_table",
     "available_estimators",
     "compare_runs",
     "curves",
@@ -41,6 +44,7 @@ __all__ = [
     "decomposition_summary",
     "estimator_column",
     "factor_variance_share",
+    "has_attribution",
     "has_sweep",
     "intervention_weight_summary",
     "pass_at_k_columns",

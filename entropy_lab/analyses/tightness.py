@@ -284,11 +284,64 @@ def tightness(
     return pd.DataFrame(rows, columns=[*keys, "estimator", *TIGHTNESS_COLUMNS])
 
 
+SUMMARY_EXTRA_COLUMNS = [
+    "updates",
+    "pearson_update_median",
+    "spearman_update_median",
+    "n_zero_advantage",
+    "pearson_zero_advantage",
+    "spearman_zero_advantage",
+]
+"""Columns ``tightness_summary`` adds after the pooled statistics."""
+
+
 def tightness_summary(
     records: pd.DataFrame,
     estimators: Sequence[str] | str | None = None,
     noise_floor: float | None = None,
     split_runs: bool = True,
 ) -> pd.DataFrame:
-    """Pooled tightness: ``tightness(records, by=())``, one row per estimator (and run)."""
-    return tightness(records, estimators, by=(), noise_floor=noise_floor, split_runs=split_runs)
+    """Pooled tightness: ``tightness(records, by=())``, one row per estimator (and run), plus
+
+    - ``updates``, ``pearson_update_median``, ``spearman_update_median``: the number of
+      (step, update) groups and the median of their per-update Pearson and Spearman (NaN
+      per-update values left out; NaN when the records have no ``step``/``update`` column);
+    - ``n_zero_advantage``, ``pearson_zero_advantage``, ``spearman_zero_advantage``: the same
+      statistics over the tokens whose ``advantage`` is exactly 0 (every per-token closed form
+      predicts 0 there, so their correlations are NaN; ``covariance`` centres A over the batch and
+      the network's own first order moves them too).
+    """
+    pooled = tightness(records, estimators, by=(), noise_floor=noise_floor, split_runs=split_runs)
+    keys = [c for c in pooled.columns if c in ID_COLUMNS] + ["estimator"]
+    out = pooled.reindex(columns=[*pooled.columns, *SUMMARY_EXTRA_COLUMNS])
+    if not len(pooled):
+        return out
+    groups = [c for c in DEFAULT_GROUPS if c in records.columns]
+    if groups:
+        per = tightness(records, estimators, by=groups, noise_floor=noise_floor, split_runs=split_runs)
+        med = per.groupby(keys, sort=False).agg(
+            updates=("n", "size"),
+            pearson_update_median=("pearson", "median"),
+            spearman_update_median=("spearman", "median"),
+        )
+        out = _fill(out, med.reset_index(), keys)
+    if "advantage" in records.columns:
+        out["n_zero_advantage"] = 0
+        zero = records[as_float(records["advantage"]) == 0.0]
+        if len(zero):
+            z = tightness(zero, estimators, by=(), noise_floor=noise_floor, split_runs=split_runs)
+            z = z[[*keys, "n", "pearson", "spearman"]].rename(
+                columns={
+                    "n": "n_zero_advantage",
+                    "pearson": "pearson_zero_advantage",
+                    "spearman": "spearman_zero_advantage",
+                }
+            )
+            out = _fill(out, z, keys)
+    return out
+
+
+def _fill(out: pd.DataFrame, values: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``out`` with its columns named in ``values`` taken from ``values`` (matched on ``keys``)."""
+    merged = out.drop(columns=[c for c in values.columns if c not in keys]).merge(values, on=keys, how="left")
+    return merged[out.columns]

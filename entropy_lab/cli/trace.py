@@ -5,6 +5,8 @@ method asked for; it also lists the run's retraces), ``retrace_update`` (one upd
 checkpoint, tabled on its own) and ``sweep_update`` (``--eta-sweep``: that update along
 theta + eta dtheta, the linear regime). A traced checkpoint never changes the run: its
 records, report and figures go to ``RUN/retrace/...`` (``entropy_lab.trainer.retrace``).
+``--attribution layer`` makes the retraced update split its jvp prediction over parameter
+groups (``entropy_lab.trace.attribution``), tabled with the update's other tables.
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ def trace(
             "pass, a few forwards' cost).",
         ),
     ] = False,
+    attribution: Annotated[
+        str | None,
+        typer.Option(
+            "--attribution",
+            help="Trace from the checkpoint with the jvp prediction split over parameter groups: layer "
+            "(embedding, each block's attention and MLP, norms, LM head); one forward-mode pass per group.",
+        ),
+    ] = None,
 ) -> None:
     """Trace one update from a checkpoint and table that update, or analyse a run's existing traces."""
     if output not in ("table", "json"):
@@ -99,12 +109,19 @@ def trace(
             f"--run names checkpoint step {ckpt_step} but --step says {step}; give the step once"
         )
     step = step if step is not None else ckpt_step
+    if attribution is not None:
+        from entropy_lab.trace.attribution import parse_attribution
+
+        if not parse_attribution(attribution):  # an unknown kind: one error listing the valid ones
+            attribution = None  # "none": as if not given
+        if eta_sweep:
+            raise EntropyLabError("--attribution traces one update; run it without --eta-sweep")
     if eta_sweep:  # the sweep records the jvp estimators anyway
         sweep_update(rd, step, method, output)
-    elif step is None and method is None and not jvp and rd.trace_files():
+    elif step is None and method is None and not jvp and attribution is None and rd.trace_files():
         analyse_run(rd, output)
     else:
-        retrace_update(rd, step, method, jvp, output)
+        retrace_update(rd, step, method, jvp, output, attribution)
 
 
 def retrace_entry(r: Retrace) -> dict:
@@ -160,7 +177,9 @@ def analyse_run(rd: RunDir, output: str) -> None:
     print_retraces(rd)
 
 
-def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, output: str) -> None:
+def retrace_update(
+    rd: RunDir, step: int | None, method: str | None, jvp: bool, output: str, attribution: str | None = None
+) -> None:
     """One traced update from the checkpoint at ``step``: its tables, report and figures, apart from the run's."""
     from entropy_lab.records import load_records
     from entropy_lab.report.compose import report_json, run_report, trace_tables
@@ -169,7 +188,7 @@ def retrace_update(rd: RunDir, step: int | None, method: str | None, jvp: bool, 
     quiet_transformers()
     if output == "table":
         console.print(f"tracing one update of {rd.path} from its checkpoint ...")
-    done = trace_checkpoint(rd, step, method, jvp=jvp)
+    done = trace_checkpoint(rd, step, method, jvp=jvp, attribution=attribution)
     records, _ = load_records(done.trace_path)
     records.insert(0, "run", done.run.path.name)
     records.insert(0, "method", done.method)

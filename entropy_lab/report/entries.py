@@ -150,7 +150,9 @@ def _tightness_text(ctx: SectionContext) -> str:
         f"{len(ctx.records)} traced tokens from {len(steps)} step(s) {span}. Gain g = Σ ΔH ω / Σ ω² "
         "(least squares through the origin); r2 is the R² of ΔH ≈ g ω. Sign agreement counts tokens with "
         f"|ΔH| above the noise floor of {format_number(noise_floor(ctx.tables))} nats "
-        f"({NOISE_FLOOR_FRACTION:g} × the run's largest |ΔH|)."
+        f"({NOISE_FLOOR_FRACTION:g} × the run's largest |ΔH|). `pearson_update_median`: the median of the "
+        "per-update Pearson; `spearman_zero_advantage`: Spearman over the `n_zero_advantage` tokens with "
+        "A = 0, where every per-token closed form predicts 0 (NaN for them; covariance centres A)."
     )
 
 
@@ -168,7 +170,8 @@ def _decomposition_text(ctx: SectionContext) -> str:
 
 TIGHTNESS_VIEW = [
     "estimator", "n", "pearson", "spearman", "sign_agreement", "n_above_floor", "gain", "r2",
-    "rmse_calibrated", "sum_measured", "sum_calibrated",
+    "rmse_calibrated", "sum_measured", "sum_calibrated", "pearson_update_median", "n_zero_advantage",
+    "spearman_zero_advantage",
 ]  # fmt: skip
 QUADRANTS_VIEW = [
     "quadrant", "theory", "count", "share", "mean_predicted", "mean_measured", "sign_agreement",
@@ -315,6 +318,29 @@ register_report_entry(
             lambda records, tables: (
                 figures.steer_weight_distribution(records) if weights_vary(records) else None
             ),
+        ),
+    )
+)
+ATTRIBUTION_VIEW = ["part", "n", "mean_abs_share", "signed_share", "sum", "pearson_measured"]
+
+register_report_entry(
+    ReportEntry(
+        "attribution_layer",
+        table=lambda records, estimator: (
+            analyses.attribution_table(records, "layer")
+            if analyses.has_attribution(records, "layer")
+            else None
+        ),
+        section=Section(
+            "Where the predicted change comes from: attribution by layer",
+            "The jvp prediction split exactly over parameter groups (one forward-mode pass per group, the "
+            "step restricted to it; the parts add up to `omega_jvp`). `mean_abs_share`: mean over tokens of "
+            "|part| / Σ|parts|; `signed_share`: the part's share of the summed predicted change; "
+            "`pearson_measured`: the part alone against the measured change.",
+            columns=ATTRIBUTION_VIEW,
+        ),
+        terminal=TerminalView(
+            "attribution by layer: share of the predicted change per group", ATTRIBUTION_VIEW
         ),
     )
 )

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from entropy_lab.errors import EntropyLabError
+from entropy_lab.trace.attribution import attribution_probes
 from entropy_lab.trace.forward import accepts_logits_to_keep, has_active_dropout
 from entropy_lab.trace.head import HeadPath
 from entropy_lab.trace.probes import EtaSweepProbe, JvpProbe, PreStepProbe, build_probes
@@ -94,7 +95,10 @@ class EntropyTracer:
         eta_grid: multiples eta of the step at which to also measure the traced tokens' entropy,
             theta + eta dtheta (``probes.EtaSweepProbe``), as numbers or as the comma-separated text
             of ``TrainConfig.trace_eta_grid``; the records gain ``regime@`` columns.
-        probes: further ``PreStepProbe``s, run after the jvp and eta-sweep ones, in this order.
+        attribution: also split ``omega_jvp`` over parameter groups: the attribution kinds of
+            ``TrainConfig.trace_attribution`` ("layer"; ``entropy_lab.trace.attribution``); the
+            records gain ``attr_<kind>:<part>`` columns. None or "none": no attribution.
+        probes: further ``PreStepProbe``s, run after the jvp, eta-sweep and attribution ones, in this order.
         logits_from_hidden: form the traced tokens' logits from the last hidden state and the LM
             head, chunk by chunk (``entropy_lab.trace.head``), where the model allows it; False
             keeps the model's full logits of the traced tokens, (n, V). ``logits_path`` says
@@ -116,6 +120,7 @@ class EntropyTracer:
         jvp: bool = False,
         jvp_positions: int | None = None,
         eta_grid: Sequence[float] | str | None = None,
+        attribution: str | None = None,
         probes: Sequence[PreStepProbe] = (),
         logits_from_hidden: bool = True,
     ):
@@ -149,7 +154,9 @@ class EntropyTracer:
             raise EntropyLabError(
                 "jvp_positions samples the jvp pass: give jvp=True too, or drop jvp_positions"
             )
-        self.probes: tuple[PreStepProbe, ...] = build_probes(jvp, eta_grid, probes, jvp_positions, seed)
+        self.probes: tuple[PreStepProbe, ...] = build_probes(
+            jvp, eta_grid, (*attribution_probes(attribution), *probes), jvp_positions, seed
+        )
         self.head_path = HeadPath(model, enabled=logits_from_hidden)
 
     @property

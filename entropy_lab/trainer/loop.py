@@ -154,6 +154,7 @@ class Trainer:
             jvp=cfg.trace_jvp,
             jvp_positions=cfg.trace_jvp_positions or None,
             eta_grid=cfg.trace_eta_grid,
+            attribution=cfg.trace_attribution,
         )
         self.controller = build_controller(cfg)
         self.updater = Updater(

@@ -56,6 +56,7 @@ def trace_checkpoint(
     callback: Callback | None = None,
     jvp: bool = False,
     eta_grid: Sequence[float] | None = None,
+    attribution: str | None = None,
 ) -> CheckpointTrace:
     """One traced update from the checkpoint at ``step``; see the module docstring.
 
@@ -66,6 +67,7 @@ def trace_checkpoint(
         callback: the trainer's event callback.
         jvp: also record the jvp and jvp-entropy estimators (``TrainConfig.trace_jvp``).
         eta_grid: also sweep eta over these multiples of the step (``TrainConfig.trace_eta_grid``).
+        attribution: also split the jvp prediction over parts (``TrainConfig.trace_attribution``).
 
     Returns:
         Where the trace went, and of which update.
@@ -89,6 +91,8 @@ def trace_checkpoint(
         overrides["trace_jvp"] = True
     if eta_grid:
         overrides["trace_eta_grid"] = format_eta_grid(eta_grid)
+    if attribution and attribution != "none":
+        overrides["trace_attribution"] = attribution
     cfg = resolve_config(method, overrides, base=base)
     own_method = method == run.train_config().method
     variant = "eta-sweep" if cfg.trace_eta_grid else "jvp" if cfg.trace_jvp else None

@@ -426,3 +426,28 @@ def test_entropy_tracking_error_is_the_second_half_mean_gap_to_the_target():
     # second half: steps 3, 4, 5 -> |0.3-0.25|, |0.1-0.25|, |0.2-0.25| = 0.05, 0.15, 0.05
     assert row["entropy_tracking_error"] == pytest.approx((0.05 + 0.15 + 0.05) / 3)
     assert "entropy_tracking_error" not in run_summary(make_metrics("grpo", 0, entropy)).columns
+
+
+def test_summary_median_per_update_and_zero_advantage_columns_match_scipy():
+    rng = np.random.default_rng(3)
+    n = 60
+    frame = pd.DataFrame({"step": np.repeat([1, 2, 3], n // 3), "update": 0})
+    frame["advantage"] = np.where(np.arange(n) % 3 == 0, 0.0, rng.normal(size=n))
+    frame["delta_entropy"] = rng.normal(size=n)
+    zero = frame["advantage"].to_numpy() == 0
+    frame["omega_paper"] = np.where(zero, 0.0, frame["delta_entropy"] + rng.normal(size=n))
+    frame["omega_jvp"] = frame["delta_entropy"] + 0.3 * rng.normal(size=n)
+    out = tightness_summary(frame).set_index("estimator")
+    for name, column in (("paper", "omega_paper"), ("jvp", "omega_jvp")):
+        per = [stats.pearsonr(g[column], g["delta_entropy"])[0] for _, g in frame.groupby("step")]
+        assert out.loc[name, "updates"] == 3
+        assert out.loc[name, "pearson_update_median"] == pytest.approx(np.median(per), rel=1e-12)
+    assert out.loc["jvp", "n_zero_advantage"] == zero.sum() == out.loc["paper", "n_zero_advantage"]
+    expected = stats.spearmanr(frame.loc[zero, "omega_jvp"], frame.loc[zero, "delta_entropy"])[0]
+    assert out.loc["jvp", "spearman_zero_advantage"] == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(out.loc["paper", "spearman_zero_advantage"])  # a closed form is 0 at A = 0
+    # The pooled statistics are those of tightness(by=()), unchanged.
+    pooled = tightness(frame, by=()).set_index("estimator")
+    assert out.loc["jvp", "pearson"] == pooled.loc["jvp", "pearson"]
+    bare = tightness_summary(frame.drop(columns=["step", "update", "advantage"]))
+    assert bare[["updates", "n_zero_advantage", "pearson_update_median"]].isna().all().all()

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -324,3 +325,28 @@ def test_a_checkpoint_trace_never_changes_the_run_and_is_listed(trained_run, tmp
     assert "retrace-steer-step_000002  (update 3 from checkpoint 2, grpo, older layout)" in table.output
     old = invoke("trace", "--run", run / "retrace-steer-step_000002", "--format", "json")
     assert old.exit_code == 0 and json.loads(old.output)["traced_steps"] == 1
+
+
+def test_trace_with_layer_attribution_tables_and_reports_the_parts(trained_run, tmp_path, dense_reward):
+    from entropy_lab.records import attribution_columns, load_records
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "traces" / "step_000003.parquet").unlink(missing_ok=True)  # another test traced it
+    js = invoke("trace", "--run", run, "--attribution", "layer", "--format", "json")
+    assert js.exit_code == 0, js.output
+    data = json.loads(js.output[js.output.index("{") :])
+    records, meta = load_records(data["trace"])
+    parts = attribution_columns(records.columns, "layer")
+    assert {"embedding", "lm_head", "norms", "block0.attn", "block0.mlp"} <= set(parts)
+    table = pd.DataFrame(data["attribution_layer"])
+    assert list(table["part"]) == list(parts)
+    assert table["signed_share"].sum() == pytest.approx(1.0, rel=1e-9)
+    assert table["mean_abs_share"].sum() == pytest.approx(1.0, rel=1e-9)
+    report = (Path(data["run"]) / "report.md").read_text()
+    assert "attribution by layer" in report
+    text = invoke("trace", "--run", run, "--step", "2", "--attribution", "layer")
+    assert text.exit_code == 0, text.output
+    assert "attribution by layer" in text.output and "lm_head" in text.output
+    bad = invoke("trace", "--run", run, "--attribution", "layers")
+    assert bad.exit_code == 2 and "error:" in bad.output and "valid: layer" in bad.output
