@@ -110,6 +110,8 @@ def fit_labels(fig: Figure) -> Figure:
     Label lengths are measured on a draw of the figure, so this is called once the figure is
     complete (``save_figure`` does). Returns ``fig``.
     """
+    if not hasattr(fig.canvas, "get_renderer"):  # a Figure made without pyplot has no drawing canvas yet
+        FigureCanvasAgg(fig)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
     for ax in fig.axes:

@@ -369,8 +369,8 @@ def test_readers_of_a_live_run_read_complete_files_and_leave_the_lock(
     lock_bytes = lock.read_bytes()
     result = CliRunner().invoke(app, ["figures", "--run", str(out)])
     assert result.exit_code == 0, result.output
-    done = trace_checkpoint(run, 2)  # training did not trace step 3, but a live run keeps traces/ to itself
-    assert done.run.path == out / "retrace-grpo-step_000002"
+    done = trace_checkpoint(run, 2)  # a checkpoint trace never goes into the run's own traces/
+    assert done.run.path == out / "retrace" / "step_000002"
     assert [f.name for f in run.trace_files()] == ["step_000002.parquet"]
     assert lock.read_bytes() == lock_bytes
     # what the trainer, the report and the retrace wrote is exactly what --overwrite recognises

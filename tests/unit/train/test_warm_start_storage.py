@@ -19,7 +19,8 @@ class Crash(Exception):
 
 
 def crash_at(step: int, seen: list):
-    def progress(s, total, loss):
+    def progress(info):
+        s = info["step"]
         seen.append(s)
         if s == step:
             raise Crash
@@ -60,7 +61,7 @@ def test_a_killed_warm_start_resumes_from_its_checkpoint_to_the_uninterrupted_we
 
     resumed: list = []
     model, _, info = warm_start(
-        task, SPEC, tiny_spec, progress=lambda s, n, loss: resumed.append(s), checkpoint_every=2
+        task, SPEC, tiny_spec, progress=lambda info: resumed.append(info["step"]), checkpoint_every=2
     )
     assert resumed == [5, 6, 7]  # continued after the checkpoint, not from step 1
     assert_same_weights(model, ref_model)
@@ -80,7 +81,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_warm_start_begins_again(
     ckpt.write_bytes(b"not a checkpoint")
     seen: list = []
     with pytest.warns(EntropyLabWarning, match="cannot be read"):
-        model, _, _ = warm_start(task, SPEC, tiny_spec, progress=lambda s, n, loss: seen.append(s))
+        model, _, _ = warm_start(task, SPEC, tiny_spec, progress=lambda info: seen.append(info["step"]))
     assert seen[0] == 1
     assert_same_weights(model, ref_model)
     assert (ckpt.parent / (ckpt.name + ".damaged")).read_bytes() == b"not a checkpoint"  # kept, not deleted
