@@ -36,12 +36,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from timing import interleaved, medians, print_table
+from timing import clock, interleaved, medians, print_table, since
 
 ROLLOUT_TARGET, TRACER_TARGET, MEMORY_TARGET = 0.95, 1.10, 0.25
 UPDATES = ("untraced", "floor", "traced", "traced+jvp")
@@ -84,12 +83,13 @@ class PartTimer:
 
     def wrap(self, name: str, fn):
         def timed(*a, **kw):
-            c0, w0 = time.process_time(), time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*a, **kw)
             finally:
-                self.cpu[name] += time.process_time() - c0
-                self.wall[name] += time.perf_counter() - w0
+                took = since(t0)
+                self.cpu[name] += took["cpu"]
+                self.wall[name] += took["wall"]
 
         return timed
 
@@ -168,12 +168,12 @@ def bench_rollout(trainer, args) -> dict:
     times = interleaved({"rollout": ours, "generate": plain}, args.repeats, warmup=1)
     med = medians(times)
     B = ids.shape[0]
-    rate = {clock: {k: B * new_tokens[k] / v for k, v in m.items()} for clock, m in med.items()}
+    rate = {kind: {k: B * new_tokens[k] / v for k, v in m.items()} for kind, m in med.items()}
     return {
         "times_s": times,
         "tokens_per_s": rate,
         "new_tokens": new_tokens,
-        "ratio": {clock: r["rollout"] / r["generate"] for clock, r in rate.items()},
+        "ratio": {kind: r["rollout"] / r["generate"] for kind, r in rate.items()},
     }
 
 
@@ -192,17 +192,17 @@ def bench_split(trainer) -> dict:
     update_mod.Updater._loss_backward = parts.wrap("forward+backward", update_mod.Updater._loss_backward)
     trainer.optimizer.step = parts.wrap("optimizer", trainer.optimizer.step)
     try:
-        c0, w0 = time.process_time(), time.perf_counter()
+        t0 = clock()
         ro, rewards, _ = trainer.rollout()
         run_update(trainer, variants["untraced"], ro, rewards)
-        total = {"cpu": time.process_time() - c0, "wall": time.perf_counter() - w0}
+        total = since(t0)
     finally:
         trainer.rollout, update_mod.Updater._loss_backward, trainer.optimizer.step = originals
     restore(trainer, snap)
-    split = {clock: dict(getattr(parts, clock)) for clock in ("cpu", "wall")}
-    for clock in split:
-        split[clock]["rest"] = total[clock] - sum(split[clock].values())
-        split[clock]["total"] = total[clock]
+    split = {kind: dict(getattr(parts, kind)) for kind in ("cpu", "wall")}
+    for kind in split:
+        split[kind]["rest"] = total[kind] - sum(split[kind].values())
+        split[kind]["total"] = total[kind]
     return split
 
 
@@ -225,12 +225,12 @@ def bench_updates(trainer, args) -> dict:
     fwd = interleaved({"no-grad forward": lambda: response_stats(trainer.model, ro)}, args.repeats, warmup=0)
     med, fmed = medians(times), medians(fwd)
     ratios = {
-        clock: {
+        kind: {
             "traced/floor": m["traced"] / m["floor"],
             "traced/untraced": m["traced"] / m["untraced"],
-            "jvp pass / no-grad forward": (m["traced+jvp"] - m["traced"]) / fmed[clock]["no-grad forward"],
+            "jvp pass / no-grad forward": (m["traced+jvp"] - m["traced"]) / fmed[kind]["no-grad forward"],
         }
-        for clock, m in med.items()
+        for kind, m in med.items()
     }
     B, T = ro.input_ids.shape
     return {"times_s": times, "forward_s": fwd, "ratios": ratios, "batch": [B, T]}

@@ -40,7 +40,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 import transformers
 from common import add_timing_args
-from timing import CLOCKS
+from timing import CLOCKS, clock, since
 
 from entropy_lab.methods import resolve_config
 from entropy_lab.models import load_policy, warm_start
@@ -56,15 +55,6 @@ from entropy_lab.tasks import get_task
 from entropy_lab.trainer import Trainer
 
 TARGET = 1.15  # bundled steps/s over TRL steps/s
-
-
-def clock() -> dict[str, float]:
-    return {"cpu": time.process_time(), "wall": time.perf_counter()}
-
-
-def since(t0: dict[str, float]) -> dict[str, float]:
-    now = clock()
-    return {k: now[k] - t0[k] for k in CLOCKS}
 
 
 def parse_args(argv=None):

@@ -41,25 +41,15 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import transformers
 from common import add_timing_args
-from timing import CLOCKS, print_table
+from timing import CLOCKS, clock, print_table, since
 
 TARGET = 1.35  # traced / untraced step, CPU time
-
-
-def clock() -> dict[str, float]:
-    return {"cpu": time.process_time(), "wall": time.perf_counter()}
-
-
-def since(t0: dict[str, float]) -> dict[str, float]:
-    now = clock()
-    return {k: now[k] - t0[k] for k in CLOCKS}
 
 
 def parse_args(argv=None):

@@ -15,11 +15,22 @@ from collections.abc import Callable
 CLOCKS = ("cpu", "wall")
 
 
+def clock() -> dict[str, float]:
+    """Both clocks now: CPU seconds of this process and the wall clock."""
+    return {"cpu": time.process_time(), "wall": time.perf_counter()}
+
+
+def since(t0: dict[str, float]) -> dict[str, float]:
+    """Seconds on each clock since ``t0`` (a ``clock()``)."""
+    now = clock()
+    return {k: now[k] - t0[k] for k in CLOCKS}
+
+
 def timed(fn: Callable[[], object]) -> dict[str, float]:
     """CPU seconds of this process and wall seconds of one call of ``fn``."""
-    c0, w0 = time.process_time(), time.perf_counter()
+    t0 = clock()
     fn()
-    return {"cpu": time.process_time() - c0, "wall": time.perf_counter() - w0}
+    return since(t0)
 
 
 def interleaved(
