@@ -75,3 +75,26 @@ def digit_reward(self, problem, completion: str) -> float:
 def small_config(method: str, model_dir: Path | str, **overrides):
     """The resolved config of ``method`` on the tiny policy with the ``SMALL`` settings."""
     return resolve_config(method, {**SMALL, "model": str(model_dir), **overrides})
+
+
+def train_cli_run(root: Path, base: str) -> tuple[Path, Path]:
+    """(model directory, a finished 2-step run on it) made through ``entropy-lab train {base}``.
+
+    ``base`` holds a ``{model}`` field for the tiny policy saved under ``root``; the run is
+    ``root / "run"``, trained with the dense ``digit_reward`` so its updates move the policy.
+    """
+    import shlex
+
+    import pytest
+    from typer.testing import CliRunner
+
+    from entropy_lab.cli.app import app
+    from entropy_lab.tasks.arithmetic import ArithmeticTask
+
+    model = save_policy(root / "model")
+    args = shlex.split(base.format(model=model)) + ["--steps", "2", "--out", str(root / "run")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ArithmeticTask, "reward", digit_reward)
+        result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+    return model, root / "run"

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from bad_input_cases import BASE, CLI_CASES, LIBRARY_CASES
-from conftest import digit_reward, save_policy  # the case functions run by name, without fixtures
+from tiny_training import train_cli_run  # the case functions run by name, without fixtures
 from typer.testing import CliRunner
 
 from entropy_lab.cli.app import app
@@ -31,17 +31,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(model directory, finished 2-step run on it), trained once for the module; copied per case."""
-    from entropy_lab.tasks.arithmetic import ArithmeticTask
-
-    root = tmp_path_factory.mktemp("bad_inputs")
-    model = save_policy(root / "model")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(ArithmeticTask, "reward", digit_reward)
-    args = shlex.split(BASE.format(model=model)) + ["--steps", "2", "--out", str(root / "run")]
-    result = runner.invoke(app, ["train", *args])
-    mp.undo()
-    assert result.exit_code == 0, result.output
-    return model, root / "run"
+    return train_cli_run(tmp_path_factory.mktemp("bad_inputs"), BASE)
 
 
 def snapshot(*roots: Path) -> dict[str, bytes]:

@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from bad_input_cases import BASE
-from conftest import digit_reward, save_policy
+from conftest import digit_reward
+from tiny_training import train_cli_run
 from typer.testing import CliRunner
 
 from entropy_lab.cli.app import app
@@ -53,17 +54,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(model directory, a finished 2-step run with traces and a checkpoint), trained once."""
-    from entropy_lab.tasks.arithmetic import ArithmeticTask
-
-    root = tmp_path_factory.mktemp("fuzz")
-    model = save_policy(root / "model")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(ArithmeticTask, "reward", digit_reward)
-    args = shlex.split(BASE.format(model=model)) + ["--steps", "2", "--out", str(root / "run")]
-    result = runner.invoke(app, ["train", *args])
-    mp.undo()
-    assert result.exit_code == 0, result.output
-    return model, root / "run"
+    return train_cli_run(tmp_path_factory.mktemp("fuzz"), BASE)
 
 
 @pytest.fixture
